@@ -1,0 +1,92 @@
+"""The ASGI application: the forwarder, and the lifespan that owns the upstream pool."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+
+from .credentials import Credential
+from .forward import Forwarder
+from .settings import Settings
+from .types import Receive, Scope, Send
+
+__all__ = ["NexusProxy", "build_transport"]
+
+logger = logging.getLogger("nexus_proxy")
+
+# Requests under this prefix are the proxy's own and are never forwarded.
+ADMIN_PREFIX = "/_proxy/"
+
+
+def egress_proxy(settings: Settings) -> str | None:
+    """The outbound proxy URL for the upstream, or None to connect directly."""
+    if settings.egress_proxy is not None:
+        return settings.egress_proxy or None
+    upstream = httpx.URL(settings.upstream)
+    if urllib.request.proxy_bypass(upstream.host):
+        return None
+    return urllib.request.getproxies_environment().get(upstream.scheme)
+
+
+def build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
+    """The upstream connection pool: HTTP/1.1, no retries, TLS verified."""
+    if settings.ca_bundle is not None:
+        verify = ssl.create_default_context(cafile=str(settings.ca_bundle))
+    else:
+        verify = ssl.create_default_context(cafile=_certifi_where())
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+    )
+    return httpx.AsyncHTTPTransport(verify=verify, limits=limits, proxy=egress_proxy(settings))
+
+
+def _certifi_where() -> str:
+    import certifi
+
+    return certifi.where()
+
+
+def timeout(settings: Settings) -> httpx.Timeout:
+    """The upstream timeouts from the settings."""
+    return httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=settings.write_timeout,
+        pool=settings.pool_timeout,
+    )
+
+
+class NexusProxy:
+    """Sends `/_proxy/` requests to the admin routes and everything else upstream."""
+
+    def __init__(self, settings: Settings, credential: Credential) -> None:
+        self.settings = settings
+        self.transport = build_transport(settings)
+        self.forwarder = Forwarder(
+            settings.upstream,
+            credential,
+            self.transport,
+            iso8601=settings.iso8601,
+            default_headers=settings.default_headers,
+            timeout=timeout(settings),
+        )
+        self.admin = Starlette(lifespan=self._lifespan)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(ADMIN_PREFIX):
+            await self.forwarder(scope, receive, send)
+        else:
+            await self.admin(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with self.transport:
+            yield
+        logger.info("upstream connection pool closed")
