@@ -71,11 +71,13 @@ class _Exchange:
         self.client_gone = False
 
     def watch_disconnect(self) -> None:
-        """Once the request body is read, the next message can only be a disconnect."""
+        """Cancel the exchange when the client disconnects; starts once the body is read."""
         self.watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        await self.receive()
+        # A request without a body still delivers one empty http.request message.
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
         if not self.finished and self.task is not None:
             self.client_gone = True
             self.task.cancel()
@@ -198,6 +200,12 @@ class Forwarder:
         self, scope: Scope, response: httpx.Response, send: Send, exchange: _Exchange
     ) -> None:
         headers = self.responses.apply(response.headers.raw)
+        if response.status_code in _NO_BODY_STATUSES:
+            # 204 and 304 never carry a body (RFC 9110 sections 15.3.5, 15.4.5); a
+            # Content-Length on them would make the server wait for body bytes.
+            headers = [
+                (name, value) for name, value in headers if name.lower() != b"content-length"
+            ]
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
