@@ -88,5 +88,9 @@ class NexusProxy:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         async with self.transport:
-            yield
+            await self.forwarder.credential.start()
+            try:
+                yield
+            finally:
+                await self.forwarder.credential.aclose()
         logger.info("upstream connection pool closed")

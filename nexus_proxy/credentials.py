@@ -11,19 +11,50 @@ from pydantic import SecretStr
 from .errors import ConfigError
 from .settings import Settings
 
-__all__ = ["Credential", "StaticKey", "fingerprint", "load_api_key"]
+__all__ = [
+    "Credential",
+    "CredentialUnavailable",
+    "StaticKey",
+    "fingerprint",
+    "load_api_key",
+]
 
 # RFC 9110 section 5.5: a field value is visible ASCII, space and tab; we also
 # refuse inner spaces, which no Nexus key contains and which would split "Bearer KEY".
 _ALLOWED = frozenset(range(0x21, 0x7F))
 
 
-class Credential(Protocol):
-    """What the forwarder needs from a credential."""
+class CredentialUnavailable(Exception):
+    """No valid credential exists right now; the message says why (never a secret)."""
 
-    kind: str
-    fingerprint: str
-    authorization: bytes
+
+class Credential(Protocol):
+    """What the proxy needs from a credential, whatever its kind."""
+
+    kind: str  # "api_key" or "oauth"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The current secret's fingerprint, or None while there is none."""
+
+    async def authorization(self) -> bytes:
+        """The `Authorization` header value to send now; raises `CredentialUnavailable`."""
+
+    async def rejected(self, authorization: bytes) -> bool:
+        """Note that the upstream answered 401 to `authorization`.
+
+        Returns True when a different credential is now available, so that a
+        request which is safe to repeat may be sent once more.
+        """
+
+    def unavailable_reason(self) -> str | None:
+        """Why no credential can be sent right now, or None when one can."""
+
+    async def start(self) -> None:
+        """Begin: fetch a first token, start refreshing; called once at startup."""
+
+    async def aclose(self) -> None:
+        """Stop background work; called once at shutdown."""
 
 
 def fingerprint(secret: SecretStr) -> str:
@@ -72,9 +103,32 @@ class StaticKey:
     kind = "api_key"
 
     def __init__(self, key: SecretStr) -> None:
-        self.fingerprint = fingerprint(key)
+        self._fingerprint = fingerprint(key)
         # The one place the key is unwrapped: the header value sent upstream.
-        self.authorization = b"Bearer " + key.get_secret_value().encode("ascii")
+        self._authorization = b"Bearer " + key.get_secret_value().encode("ascii")
+
+    @property
+    def fingerprint(self) -> str:
+        """The key's fingerprint."""
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"StaticKey(fingerprint={self.fingerprint!r})"
+
+    async def authorization(self) -> bytes:
+        """The Bearer header value; a static key is always available."""
+        return self._authorization
+
+    async def rejected(self, authorization: bytes) -> bool:
+        """A static key cannot change, so a 401 is final."""
+        return False
+
+    def unavailable_reason(self) -> None:
+        """A static key is always available."""
+        return None
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def aclose(self) -> None:
+        """Nothing to stop."""

@@ -18,6 +18,7 @@ from .types import Send
 
 __all__ = [
     "BAD_REQUEST",
+    "CREDENTIAL_UNAVAILABLE",
     "UPSTREAM_BUSY",
     "UPSTREAM_PROTOCOL_ERROR",
     "UPSTREAM_TIMEOUT",
@@ -78,6 +79,13 @@ UPSTREAM_PROTOCOL_ERROR = ProxyError(
     "The Nexus API closed the connection or sent an invalid response. The request was "
     "sent and may have been processed; check its outcome before repeating it.",
     upstream_reached=True,
+)
+CREDENTIAL_UNAVAILABLE = ProxyError(
+    503,
+    "ProxyCredentialUnavailable",
+    "The proxy holds no valid Nexus credential right now; nothing was sent. "
+    "Retry later, and check the proxy's log and /_proxy/ready.",
+    upstream_reached=False,
 )
 BAD_REQUEST = ProxyError(
     400,

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 import httpx
 
 from . import errors
-from .credentials import Credential
-from .headers import RequestPolicy, ResponsePolicy
+from .credentials import Credential, CredentialUnavailable
+from .headers import Framing, RequestPolicy, ResponsePolicy
 from .types import Receive, Scope, Send
 
 __all__ = ["Forwarder"]
@@ -38,6 +38,7 @@ _FAILURES: tuple[tuple[type[httpx.TransportError], errors.ProxyError], ...] = (
 )
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class ClientDisconnect(Exception):
@@ -164,22 +165,56 @@ class Forwarder:
     async def _forward(
         self, scope: Scope, raw_path: bytes, exchange: _Exchange, send: Send
     ) -> None:
-        request = self._build_request(scope, raw_path, exchange)
         try:
-            response = await self.transport.handle_async_request(request)
-        except httpx.TransportError as exc:
-            if exchange.client_gone:
-                raise ClientDisconnect from exc
-            await self._fail(send, exc)
+            authorization = await self.credential.authorization()
+        except CredentialUnavailable as exc:
+            logger.warning("no credential to send: %s; answering 503", exc)
+            await errors.send_error(send, errors.CREDENTIAL_UNAVAILABLE)
             return
+
+        request, framing = self._build_request(scope, raw_path, exchange, authorization)
+        response = await self._send(request, exchange, send)
+        if response is None:
+            return
+
+        if response.status_code == 401 and await self._may_repeat(scope, framing, authorization):
+            await response.aclose()
+            authorization = await self.credential.authorization()
+            request, _ = self._build_request(scope, raw_path, exchange, authorization)
+            response = await self._send(request, exchange, send)
+            if response is None:
+                return
 
         try:
             await self._relay(scope, response, send, exchange)
         finally:
             await response.aclose()
 
-    def _build_request(self, scope: Scope, raw_path: bytes, exchange: _Exchange) -> httpx.Request:
-        headers, framing = self.requests.apply(scope["headers"], self.credential.authorization)
+    async def _send(
+        self, request: httpx.Request, exchange: _Exchange, send: Send
+    ) -> httpx.Response | None:
+        """The upstream's response, or None after answering the client with an error."""
+        try:
+            return await self.transport.handle_async_request(request)
+        except httpx.TransportError as exc:
+            if exchange.client_gone:
+                raise ClientDisconnect from exc
+            await self._fail(send, exc)
+            return None
+
+    async def _may_repeat(self, scope: Scope, framing: Framing, authorization: bytes) -> bool:
+        """After a 401: whether to send the request again with a new credential.
+
+        Only requests that are safe to repeat (RFC 9110 section 9.2.1) and had no
+        body qualify; the credential decides whether a new one exists.
+        """
+        fresh = await self.credential.rejected(authorization)
+        return fresh and scope["method"] in _SAFE_METHODS and not framing.has_body
+
+    def _build_request(
+        self, scope: Scope, raw_path: bytes, exchange: _Exchange, authorization: bytes
+    ) -> tuple[httpx.Request, Framing]:
+        headers, framing = self.requests.apply(scope["headers"], authorization)
         target = self.base_path + raw_path
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
@@ -194,7 +229,7 @@ class Forwarder:
             scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
         )
         request.url = _RawTarget(self.origin, target)
-        return request
+        return request, framing
 
     async def _relay(
         self, scope: Scope, response: httpx.Response, send: Send, exchange: _Exchange

@@ -7,17 +7,28 @@ variables, the TOML file named by `--config` or `NEXUS_PROXY_CONFIG`, defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -38,6 +49,32 @@ _toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
 
 Seconds = Annotated[float, Field(gt=0)]
 
+MIB = 1024 * 1024
+
+
+def _split_commas(value: object) -> object:
+    """Lists from env vars and flags may be written `a,b,c` as well as JSON."""
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+SecretList = Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_commas)]
+
+
+def _http_url(value: str | None) -> str | None:
+    if not value:
+        return value
+    url = httpx.URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if url.query or url.fragment or url.userinfo:
+        raise ValueError("must not carry a query, fragment or user info")
+    return value.rstrip("/")
+
 
 class Options(BaseSettings):
     """Every setting that may also be given as a command-line flag."""
@@ -51,6 +88,7 @@ class Options(BaseSettings):
         cli_hide_none_type=True,
         cli_exit_on_error=False,
         cli_prog_name="nexus-proxy",
+        env_nested_delimiter="__",
     )
 
     config: Path | None = Field(
@@ -80,20 +118,48 @@ class Options(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level"
     )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format")
+    access_log: bool = Field(True, description="Write one log line per request")
+    shutdown_timeout: Seconds = Field(
+        25.0, description="Seconds in-flight requests get to finish on SIGTERM"
+    )
+    unix_socket: Path | None = Field(
+        None, description="Listen on this Unix socket (mode 0600) instead of TCP"
+    )
+    workers: int = Field(1, ge=1, description="Worker processes sharing the listen socket")
+
+    access_token_file: Path | None = Field(
+        None, description="File with the local access tokens clients must send, one per line"
+    )
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow a non-loopback listen address without access tokens"
+    )
+    read_only: bool = Field(False, description="Forward only GET, HEAD and OPTIONS")
+    allow_methods: CommaList | None = Field(
+        None, description="Methods forwarded (default: all), e.g. GET,POST"
+    )
+    allow_paths: CommaList = Field(
+        default_factory=list, description="Glob patterns of paths forwarded (default: all)"
+    )
+    deny_paths: CommaList = Field(
+        default_factory=list, description="Glob patterns of paths refused; deny wins over allow"
+    )
+    max_body_size: int = Field(
+        100 * MIB, ge=0, description="Largest request body in bytes; 0 for no limit"
+    )
+    allow_insecure_permissions: bool = Field(
+        False, description="Only warn when a secret file is readable by group or others"
+    )
+    api_key_expires: date | None = Field(
+        None, description="The API key's expiry date (YYYY-MM-DD), for warnings"
+    )
 
     @field_validator("upstream_url", "egress_proxy")
     @classmethod
     def _check_http_url(cls, value: str | None) -> str | None:
-        if not value:
-            return value
-        url = httpx.URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if url.query or url.fragment or url.userinfo:
-            raise ValueError("must not carry a query, fragment or user info")
-        return value.rstrip("/")
+        return _http_url(value)
 
-    @field_validator("config", "api_key_file", "ca_bundle")
+    @field_validator("config", "api_key_file", "ca_bundle", "access_token_file")
     @classmethod
     def _check_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -101,16 +167,48 @@ class Options(BaseSettings):
         return value
 
 
+class OAuthSettings(BaseModel):
+    """The `[oauth]` table: OAuth2 client credentials instead of an API key."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    client_id: str
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    token_url: str | None = None
+    scope: str = "api1"
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @model_validator(mode="after")
+    def _check_one_secret_source(self) -> OAuthSettings:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError(
+                "set exactly one of client_secret (NEXUS_PROXY_OAUTH__CLIENT_SECRET) "
+                "or client_secret_file"
+            )
+        return self
+
+
 class Settings(Options):
     """All settings, including those that must never appear on a command line."""
 
     api_key: SecretStr | None = None
+    access_tokens: SecretList = Field(default_factory=list)
+    oauth: OAuthSettings | None = None
     default_headers: dict[str, str] = Field(default_factory=lambda: {"api_version": "1.2"})
 
     @model_validator(mode="after")
     def _check_one_key_source(self) -> Settings:
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("set either api_key (NEXUS_PROXY_API_KEY) or api_key_file, not both")
+        if self.oauth is not None and (self.api_key is not None or self.api_key_file is not None):
+            raise ValueError(
+                "set either an API key (api_key or api_key_file) or the [oauth] table, not both"
+            )
         return self
 
     @property
@@ -169,7 +267,9 @@ def parser() -> argparse.ArgumentParser:
 
 def describe(settings: Settings, fingerprints: Mapping[str, str]) -> dict[str, Any]:
     """The effective settings as plain data, each secret replaced by its fingerprint."""
-    data = settings.model_dump(mode="json", exclude={"api_key"})
+    data = settings.model_dump(mode="json", exclude={"api_key", "access_tokens", "oauth"})
+    if settings.oauth is not None:
+        data["oauth"] = settings.oauth.model_dump(mode="json", exclude={"client_secret"})
     data["upstream"] = settings.upstream
     for name, fingerprint in fingerprints.items():
         data[name] = f"sha256:{fingerprint}"
