@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from .credentials import Credential
 from .forward import Forwarder
@@ -77,13 +80,20 @@ class NexusProxy:
             default_headers=settings.default_headers,
             timeout=timeout(settings),
         )
-        self.admin = Starlette(lifespan=self._lifespan)
+        self.admin = Starlette(
+            routes=[Route("/_proxy/health", self.health, methods=["GET", "HEAD"])],
+            lifespan=self._lifespan,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(ADMIN_PREFIX):
             await self.forwarder(scope, receive, send)
         else:
             await self.admin(scope, receive, send)
+
+    async def health(self, request: Request) -> JSONResponse:
+        """Liveness: 200 while the process serves."""
+        return JSONResponse({"status": "ok"})
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
