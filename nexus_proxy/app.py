@@ -11,11 +11,14 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import Response
 
+from .access import AccessTokens, load_access_tokens
+from .admin import NOT_FOUND, AdminRoutes, error_response
 from .credentials import Credential
 from .forward import Forwarder
+from .gate import Gate
+from .policy import RequestRules
 from .settings import Settings
 from .types import Receive, Scope, Send
 
@@ -69,19 +72,34 @@ def timeout(settings: Settings) -> httpx.Timeout:
 class NexusProxy:
     """Sends `/_proxy/` requests to the admin routes and everything else upstream."""
 
-    def __init__(self, settings: Settings, credential: Credential) -> None:
+    def __init__(
+        self, settings: Settings, credential: Credential, tokens: AccessTokens | None = None
+    ) -> None:
         self.settings = settings
+        self.credential = credential
         self.transport = build_transport(settings)
+        rules = RequestRules(
+            read_only=settings.read_only,
+            allow_methods=settings.allow_methods,
+            allow_paths=settings.allow_paths,
+            deny_paths=settings.deny_paths,
+        )
+        if tokens is None:
+            tokens = load_access_tokens(settings)
+        gate = Gate(tokens, rules, settings.max_body_size)
         self.forwarder = Forwarder(
             settings.upstream,
             credential,
             self.transport,
+            gate,
             iso8601=settings.iso8601,
             default_headers=settings.default_headers,
             timeout=timeout(settings),
+            access_log=settings.access_log,
         )
         self.admin = Starlette(
-            routes=[Route("/_proxy/health", self.health, methods=["GET", "HEAD"])],
+            routes=AdminRoutes(settings, credential, gate).routes(),
+            exception_handlers={404: _not_found, 405: _not_found},
             lifespan=self._lifespan,
         )
 
@@ -91,16 +109,16 @@ class NexusProxy:
         else:
             await self.admin(scope, receive, send)
 
-    async def health(self, request: Request) -> JSONResponse:
-        """Liveness: 200 while the process serves."""
-        return JSONResponse({"status": "ok"})
-
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         async with self.transport:
-            await self.forwarder.credential.start()
+            await self.credential.start()
             try:
                 yield
             finally:
-                await self.forwarder.credential.aclose()
+                await self.credential.aclose()
         logger.info("upstream connection pool closed")
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NOT_FOUND)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from . import __version__
+from .access import AccessTokens, check_exposure, load_access_tokens
 from .credentials import StaticKey, load_api_key
 from .errors import ConfigError
 from .logs import configure_logging
+from .secretfile import check_config_file
 from .settings import ENV_PREFIX, Options, Settings, describe
 
 __all__ = ["main"]
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, args = "check", args[1:]
 
     try:
-        settings, credential = _load(args)
+        settings, credential, tokens = _load(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except ConfigError as exc:
@@ -42,18 +46,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
 
     if command == "check":
-        effective = describe(settings, {"api_key": credential.fingerprint})
+        fingerprints = {"api_key": credential.fingerprint or "none"}
+        effective = describe(settings, fingerprints)
+        effective["access_tokens"] = len(tokens)
         print(json.dumps(effective, indent=2))
         return 0
 
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        check_exposure(settings, tokens)
+    except ConfigError as exc:
+        print(f"nexus-proxy: configuration error:\n  - {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.workers > 1:
+        # prometheus-client picks its multiprocess mode when first imported.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nexus-proxy-"))
+
     from .server import serve
 
-    configure_logging(settings.log_level)
-    return 0 if serve(settings, credential) else 1
+    return 0 if serve(settings, credential, tokens, args) else 1
 
 
-def _load(args: list[str]) -> tuple[Settings, StaticKey]:
-    """The settings and the credential, or a `ConfigError` listing every problem."""
+def _load(args: list[str]) -> tuple[Settings, StaticKey, AccessTokens]:
+    """The settings, credential and access tokens, or a `ConfigError` listing every problem."""
     _check_flags(args)
     try:
         settings = Settings.load(args)
@@ -62,10 +77,23 @@ def _load(args: list[str]) -> tuple[Settings, StaticKey]:
     except (SettingsError, ValueError) as exc:
         raise ConfigError(f"  - {exc}") from None
 
+    problems = []
+    credential = tokens = None
     try:
-        return settings, StaticKey(load_api_key(settings))
+        check_config_file(settings)
     except ConfigError as exc:
-        raise ConfigError(f"  - {exc}") from None
+        problems.append(str(exc))
+    try:
+        credential = StaticKey(load_api_key(settings))
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        tokens = load_access_tokens(settings)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if problems or credential is None or tokens is None:
+        raise ConfigError("\n".join(f"  - {problem}" for problem in problems))
+    return settings, credential, tokens
 
 
 def _check_flags(args: list[str]) -> None:

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from .types import Send
 
 __all__ = [
+    "AMBIGUOUS_PATH",
+    "BAD_FRAMING",
     "BAD_REQUEST",
+    "BODY_TOO_LARGE",
+    "BODY_TOO_LARGE_SENT",
     "CREDENTIAL_UNAVAILABLE",
+    "FORBIDDEN",
+    "UNAUTHORIZED",
     "UPSTREAM_BUSY",
     "UPSTREAM_PROTOCOL_ERROR",
     "UPSTREAM_TIMEOUT",
@@ -41,6 +47,7 @@ class ProxyError:
     code: str
     message: str
     upstream_reached: bool
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
         """The error as a Nexus envelope."""
@@ -87,6 +94,50 @@ CREDENTIAL_UNAVAILABLE = ProxyError(
     "Retry later, and check the proxy's log and /_proxy/ready.",
     upstream_reached=False,
 )
+UNAUTHORIZED = ProxyError(
+    401,
+    "ProxyUnauthorized",
+    "This proxy needs a local access token: send 'Authorization: Bearer <token>' "
+    "with one of the proxy's access tokens (not the Nexus key).",
+    upstream_reached=False,
+    headers=((b"www-authenticate", b'Bearer realm="nexus-proxy"'),),
+)
+FORBIDDEN = ProxyError(
+    403,
+    "ProxyForbidden",
+    "The proxy's request policy does not allow this method or path; "
+    "the proxy's log names the rule.",
+    upstream_reached=False,
+)
+AMBIGUOUS_PATH = ProxyError(
+    400,
+    "ProxyBadRequest",
+    "The path contains an encoded slash, backslash, dot or percent sign, a dot "
+    "segment or a ';' parameter, which the proxy's path rules cannot judge. "
+    "Send the path in its plain form.",
+    upstream_reached=False,
+)
+BAD_FRAMING = ProxyError(
+    400,
+    "ProxyBadRequest",
+    "The request body's framing is ambiguous (Content-Length together with "
+    "Transfer-Encoding, repeated or invalid Content-Length, or a Transfer-Encoding "
+    "other than chunked).",
+    upstream_reached=False,
+)
+BODY_TOO_LARGE = ProxyError(
+    413,
+    "ProxyBodyTooLarge",
+    "The request body is larger than the proxy's max_body_size; nothing was sent.",
+    upstream_reached=False,
+)
+BODY_TOO_LARGE_SENT = ProxyError(
+    413,
+    "ProxyBodyTooLarge",
+    "The request body grew larger than the proxy's max_body_size, so the upstream "
+    "request was aborted before its end and cannot have been processed.",
+    upstream_reached=True,
+)
 BAD_REQUEST = ProxyError(
     400,
     "ProxyBadRequest",
@@ -96,13 +147,15 @@ BAD_REQUEST = ProxyError(
 )
 
 
-async def send_error(send: Send, error: ProxyError) -> None:
-    """Answer the client with `error` as a JSON envelope."""
+async def send_error(send: Send, error: ProxyError, *extra: tuple[bytes, bytes]) -> None:
+    """Answer the client with `error` as a JSON envelope, adding `extra` headers."""
     body = error.body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"x-nexus-proxy-error", error.code.encode()),
+        *error.headers,
+        *extra,
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

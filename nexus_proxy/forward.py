@@ -4,8 +4,10 @@ Contract:
 - The upstream target is the base path plus the client's raw path and raw query,
   byte for byte, so nothing is decoded, re-encoded or normalised.
 - Bodies stream both ways; neither is held in memory.
-- Nothing is retried. The transport's connection pool only reconnects before any
-  byte of the request has been written.
+- Nothing is retried once a byte may have been sent. The transport's connection
+  pool only reconnects before any byte of the request has been written, and the
+  one repeat after an upstream 401 is limited to safe requests without a body
+  when the credential has changed.
 - When the client goes away, the upstream exchange is cancelled and its connection
   released.
 """
@@ -14,13 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+import uuid
 
 import httpx
 
-from . import errors
+from . import errors, metrics
 from .credentials import Credential, CredentialUnavailable
+from .exchange import NO_BODY, BodyTooLarge, ClientDisconnect, Exchange, RequestBody
+from .gate import Gate
 from .headers import Framing, RequestPolicy, ResponsePolicy
+from .logs import REQUEST_ID
+from .observe import record
 from .types import Receive, Scope, Send
 
 __all__ = ["Forwarder"]
@@ -39,10 +46,8 @@ _FAILURES: tuple[tuple[type[httpx.TransportError], errors.ProxyError], ...] = (
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class ClientDisconnect(Exception):
-    """The client closed its connection before the exchange finished."""
+_REQUEST_ID = b"x-request-id"
+_MAX_REQUEST_ID = 128
 
 
 class _RawTarget(httpx.URL):
@@ -61,61 +66,6 @@ class _RawTarget(httpx.URL):
         return self._target
 
 
-class _Exchange:
-    """What one request needs to notice a client that went away."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.receive = receive
-        self.task = asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
-        self.finished = False
-        self.client_gone = False
-
-    def watch_disconnect(self) -> None:
-        """Cancel the exchange when the client disconnects; starts once the body is read."""
-        self.watcher = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        # A request without a body still delivers one empty http.request message.
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        if not self.finished and self.task is not None:
-            self.client_gone = True
-            self.task.cancel()
-
-    def finish(self) -> None:
-        """Stop watching; called as soon as the last response byte was handed to the server."""
-        self.finished = True
-        if self.watcher is not None:
-            self.watcher.cancel()
-
-
-class _RequestBody(httpx.AsyncByteStream):
-    """The client's body, read from ASGI `receive` as the upstream write asks for it."""
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        more_body = True
-        while more_body:
-            message = await self.exchange.receive()
-            if message["type"] == "http.disconnect":
-                self.exchange.client_gone = True
-                raise ClientDisconnect
-            more_body = message.get("more_body", False)
-            body = message.get("body", b"")
-            if body:
-                yield body
-        self.exchange.watch_disconnect()
-
-
-class _NoBody(httpx.AsyncByteStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        return
-        yield  # pragma: no cover
-
-
 class Forwarder:
     """Relays every request it gets to `upstream` with the credential added."""
 
@@ -124,31 +74,52 @@ class Forwarder:
         upstream: str,
         credential: Credential,
         transport: httpx.AsyncBaseTransport,
+        gate: Gate,
         *,
         iso8601: bool,
         default_headers: dict[str, str],
         timeout: httpx.Timeout,
+        access_log: bool = True,
     ) -> None:
         url = httpx.URL(upstream)
         self.origin = url.copy_with(raw_path=b"/")
         self.base_path = url.raw_path.rstrip(b"/")
         self.credential = credential
         self.transport = transport
+        self.gate = gate
         self.requests = RequestPolicy(
             url.netloc.decode("ascii"), iso8601=iso8601, defaults=default_headers
         )
         self.responses = ResponsePolicy(url)
         self.extensions = {"timeout": timeout.as_dict()}
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        request_id = _request_id(scope["headers"])
+        token = REQUEST_ID.set(request_id)
+        exchange = Exchange(receive, scope["method"], raw_path.decode("latin-1"), request_id)
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self._handle(scope, raw_path, exchange, send)
+        finally:
+            exchange.finish()
+            metrics.IN_FLIGHT.dec()
+            record(exchange, access_log=self.access_log)
+            REQUEST_ID.reset(token)
+
+    async def _handle(self, scope: Scope, raw_path: bytes, exchange: Exchange, send: Send) -> None:
         if scope["method"] == "CONNECT" or not raw_path.startswith(b"/"):
-            await errors.send_error(send, errors.BAD_REQUEST)
+            logger.warning("refused a %s request with a non-origin-form target", scope["method"])
+            await self._answer(send, exchange, errors.BAD_REQUEST)
+            return
+        refused = self.gate.refusal(scope, raw_path)
+        if refused is not None:
+            await self._answer(send, exchange, refused)
             return
 
-        exchange = _Exchange(receive)
         try:
             await self._forward(scope, raw_path, exchange, send)
         except asyncio.CancelledError:
@@ -159,17 +130,17 @@ class Forwarder:
             logger.info("client disconnected before the response was complete")
         except ClientDisconnect:
             logger.info("client disconnected while sending the request body")
-        finally:
-            exchange.finish()
+        except BodyTooLarge:
+            logger.warning("request body grew past max_body_size; upstream request aborted")
+            if not exchange.response_started:
+                await self._answer(send, exchange, errors.BODY_TOO_LARGE_SENT)
 
-    async def _forward(
-        self, scope: Scope, raw_path: bytes, exchange: _Exchange, send: Send
-    ) -> None:
+    async def _forward(self, scope: Scope, raw_path: bytes, exchange: Exchange, send: Send) -> None:
         try:
             authorization = await self.credential.authorization()
         except CredentialUnavailable as exc:
             logger.warning("no credential to send: %s; answering 503", exc)
-            await errors.send_error(send, errors.CREDENTIAL_UNAVAILABLE)
+            await self._answer(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
             return
 
         request, framing = self._build_request(scope, raw_path, exchange, authorization)
@@ -179,7 +150,12 @@ class Forwarder:
 
         if response.status_code == 401 and await self._may_repeat(scope, framing, authorization):
             await response.aclose()
-            authorization = await self.credential.authorization()
+            try:
+                authorization = await self.credential.authorization()
+            except CredentialUnavailable as exc:
+                logger.warning("no credential to send: %s; answering 503", exc)
+                await self._answer(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
+                return
             request, _ = self._build_request(scope, raw_path, exchange, authorization)
             response = await self._send(request, exchange, send)
             if response is None:
@@ -190,17 +166,43 @@ class Forwarder:
         finally:
             await response.aclose()
 
+    def _build_request(
+        self, scope: Scope, raw_path: bytes, exchange: Exchange, authorization: bytes
+    ) -> tuple[httpx.Request, Framing]:
+        headers, framing = self.requests.apply(scope["headers"], authorization)
+        headers.insert(-1, (_REQUEST_ID, exchange.request_id.encode()))
+        target = self.base_path + raw_path
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
+
+        stream: httpx.AsyncByteStream
+        if framing.has_body:
+            stream = RequestBody(exchange, self.gate.max_body_size)
+        else:
+            stream = NO_BODY
+            exchange.watch_disconnect()
+        request = httpx.Request(
+            scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
+        )
+        request.url = _RawTarget(self.origin, target)
+        return request, framing
+
     async def _send(
-        self, request: httpx.Request, exchange: _Exchange, send: Send
+        self, request: httpx.Request, exchange: Exchange, send: Send
     ) -> httpx.Response | None:
         """The upstream's response, or None after answering the client with an error."""
+        started = time.perf_counter()
         try:
-            return await self.transport.handle_async_request(request)
+            response = await self.transport.handle_async_request(request)
         except httpx.TransportError as exc:
             if exchange.client_gone:
                 raise ClientDisconnect from exc
-            await self._fail(send, exc)
+            await self._fail(send, exchange, exc)
             return None
+        exchange.upstream_seconds = time.perf_counter() - started
+        if response.status_code == 401:
+            metrics.UPSTREAM_UNAUTHORIZED.inc()
+        return response
 
     async def _may_repeat(self, scope: Scope, framing: Framing, authorization: bytes) -> bool:
         """After a 401: whether to send the request again with a new credential.
@@ -211,36 +213,19 @@ class Forwarder:
         fresh = await self.credential.rejected(authorization)
         return fresh and scope["method"] in _SAFE_METHODS and not framing.has_body
 
-    def _build_request(
-        self, scope: Scope, raw_path: bytes, exchange: _Exchange, authorization: bytes
-    ) -> tuple[httpx.Request, Framing]:
-        headers, framing = self.requests.apply(scope["headers"], authorization)
-        target = self.base_path + raw_path
-        if scope["query_string"]:
-            target += b"?" + scope["query_string"]
-
-        stream: httpx.AsyncByteStream
-        if framing.has_body:
-            stream = _RequestBody(exchange)
-        else:
-            stream = _NoBody()
-            exchange.watch_disconnect()
-        request = httpx.Request(
-            scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
-        )
-        request.url = _RawTarget(self.origin, target)
-        return request, framing
-
     async def _relay(
-        self, scope: Scope, response: httpx.Response, send: Send, exchange: _Exchange
+        self, scope: Scope, response: httpx.Response, send: Send, exchange: Exchange
     ) -> None:
         headers = self.responses.apply(response.headers.raw)
+        headers.append((_REQUEST_ID, exchange.request_id.encode()))
         if response.status_code in _NO_BODY_STATUSES:
             # 204 and 304 never carry a body (RFC 9110 sections 15.3.5, 15.4.5); a
             # Content-Length on them would make the server wait for body bytes.
             headers = [
                 (name, value) for name, value in headers if name.lower() != b"content-length"
             ]
+        exchange.status = response.status_code
+        exchange.response_started = True
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
@@ -257,10 +242,12 @@ class Forwarder:
             async for chunk in response.stream:
                 if pending:
                     await send({"type": "http.response.body", "body": pending, "more_body": True})
+                exchange.bytes_out += len(chunk)
                 pending = chunk
         except httpx.TransportError as exc:
             # The status line is out: the only honest signal left is an aborted
             # connection, never a clean end of a truncated body.
+            exchange.error_code = "ProxyUpstreamAborted"
             logger.warning(
                 "upstream failed mid-response (%s); aborting the client connection",
                 exc.__class__.__name__,
@@ -269,7 +256,7 @@ class Forwarder:
         exchange.finish()
         await send({"type": "http.response.body", "body": pending})
 
-    async def _fail(self, send: Send, exc: httpx.TransportError) -> None:
+    async def _fail(self, send: Send, exchange: Exchange, exc: httpx.TransportError) -> None:
         error = errors.UPSTREAM_PROTOCOL_ERROR
         for kind, mapped in _FAILURES:
             if isinstance(exc, kind):
@@ -282,4 +269,20 @@ class Forwarder:
             error.status,
             error.code,
         )
-        await errors.send_error(send, error)
+        await self._answer(send, exchange, error)
+
+    async def _answer(self, send: Send, exchange: Exchange, error: errors.ProxyError) -> None:
+        exchange.status = error.status
+        exchange.error_code = error.code
+        exchange.response_started = True
+        await errors.send_error(send, error, (_REQUEST_ID, exchange.request_id.encode()))
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is printable ASCII of sane length, else a new one."""
+    for name, value in headers:
+        if name == _REQUEST_ID:
+            if 0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex

@@ -33,9 +33,12 @@ HOP_BY_HOP = frozenset(
 
 # Set by the proxy itself. The server already answered "Expect: 100-continue"
 # (RFC 9110 section 10.1.1) when the body was first read, so it stops here.
-_REPLACED = frozenset({b"host", b"authorization", b"expect", b"content-length"})
+_REPLACED = frozenset({b"host", b"authorization", b"expect", b"content-length", b"x-request-id"})
 
 ISO8601 = b"request_iso8601"
+
+# The proxy sets the request id it logged; an upstream one would repeat it.
+_RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -119,7 +122,7 @@ class ResponsePolicy:
     def apply(self, headers: Iterable[tuple[bytes, bytes]]) -> Headers:
         """The headers to send to the client."""
         headers = list(headers)
-        dropped = HOP_BY_HOP
+        dropped = _RESPONSE_DROPPED
         if any(name.lower() == b"connection" for name, _ in headers):
             dropped = dropped | connection_tokens((n.lower(), v) for n, v in headers)
 

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import signal
+import socket
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
+from .access import AccessTokens
 from .app import NexusProxy
-from .credentials import Credential
+from .credentials import Credential, StaticKey, load_api_key
+from .logs import configure_logging
 from .settings import Settings
+from .types import ASGIApp
 
-__all__ = ["OriginFormHttpTools", "serve", "uvicorn_config"]
+__all__ = ["OriginFormHttpTools", "serve", "uvicorn_config", "worker_app"]
 
 logger = logging.getLogger("nexus_proxy")
+
+_WORKER_ARGV = "NEXUS_PROXY_WORKER_ARGV"
 
 
 class OriginFormHttpTools(HttpToolsProtocol):
@@ -34,15 +44,18 @@ class OriginFormHttpTools(HttpToolsProtocol):
             self.scope["raw_path"] = target
 
 
-def uvicorn_config(app: NexusProxy, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: ASGIApp | str, settings: Settings) -> uvicorn.Config:
     """The uvicorn settings the proxy relies on."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        factory=isinstance(app, str),
+        workers=settings.workers,
         http=OriginFormHttpTools,
         lifespan="on",
-        # Our own access log comes later; uvicorn's prints query strings.
+        # One access line per request comes from nexus_proxy.access; uvicorn's
+        # would print query strings.
         access_log=False,
         # The upstream's Server and Date headers are forwarded; uvicorn's would repeat them.
         server_header=False,
@@ -52,39 +65,88 @@ def uvicorn_config(app: NexusProxy, settings: Settings) -> uvicorn.Config:
         forwarded_allow_ips="",
         log_config=None,
         log_level=settings.log_level,
+        # uvicorn takes whole seconds here.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
     )
 
 
-def serve(settings: Settings, credential: Credential) -> bool:
+def serve(
+    settings: Settings, credential: Credential, tokens: AccessTokens, argv: list[str]
+) -> bool:
     """Listen and forward until SIGTERM or SIGINT, then shut down gracefully.
 
     Returns False when the server could not start.
     """
-    config = uvicorn_config(NexusProxy(settings, credential), settings)
-    server = uvicorn.Server(config)
-    sock = config.bind_socket()
-    host, port = sock.getsockname()[:2]
+    if settings.workers > 1:
+        # Each worker process builds its own app from the same flags and environment.
+        os.environ[_WORKER_ARGV] = json.dumps(argv)
+        config = uvicorn_config(f"{__name__}:worker_app", settings)
+    else:
+        config = uvicorn_config(NexusProxy(settings, credential, tokens), settings)
+
+    sock = _bind(settings)
     logger.info(
-        "nexus-proxy listening on http://%s:%d, forwarding to %s (environment %s), "
-        "%s fingerprint %s",
-        _bracketed(host),
-        port,
+        "nexus-proxy listening on %s, forwarding to %s (environment %s), %s fingerprint %s%s",
+        _address(sock),
         settings.upstream,
         settings.environment,
         credential.kind,
         credential.fingerprint,
+        f", {settings.workers} workers" if settings.workers > 1 else "",
     )
 
     # uvicorn re-raises the signal that stopped it once it has shut down cleanly;
     # with these handlers that re-raise is a no-op and the process exits 0.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
+    server = uvicorn.Server(config)
     try:
+        if settings.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+            return True
         server.run(sockets=[sock])
+        return server.started
     finally:
         sock.close()
-    return server.started
+        if settings.unix_socket is not None:
+            settings.unix_socket.unlink(missing_ok=True)
+        logger.info("nexus-proxy stopped")
 
 
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+def worker_app() -> NexusProxy:
+    """The app of one worker process, built from the parent's flags and environment."""
+    argv = json.loads(os.environ[_WORKER_ARGV])
+    settings = Settings.load(argv)
+    configure_logging(settings.log_level, settings.log_format)
+    return NexusProxy(settings, StaticKey(load_api_key(settings)))
+
+
+def _bind(settings: Settings) -> socket.socket:
+    """The listen socket: TCP, or a Unix socket only its owner may connect to."""
+    if settings.unix_socket is None:
+        config = uvicorn.Config(
+            None,  # type: ignore[arg-type]
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+        )
+        return config.bind_socket()
+
+    path = settings.unix_socket
+    if path.is_socket():
+        path.unlink()  # left over from a process that did not stop cleanly
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # uvicorn's own Unix socket gets mode 0666; this one is created 0600 under the umask.
+    previous = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(previous)
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

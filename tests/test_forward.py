@@ -222,7 +222,7 @@ def test_forward_adds_nothing_unasked(proxy: RunningProxy, upstream: StandInUpst
     _get(proxy, "/customer")
 
     names = sorted(name.lower().decode() for name, _ in upstream.requests[-1].headers)
-    assert names == ["api_version", "authorization", "host", "request_iso8601"]
+    assert names == ["api_version", "authorization", "host", "request_iso8601", "x-request-id"]
 
 
 @pytest.mark.parametrize(

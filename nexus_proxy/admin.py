@@ -1,0 +1,99 @@
+"""The proxy's own endpoints under `/_proxy/`: health, readiness and metrics. Never forwarded."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import errors, metrics
+from .credentials import Credential
+from .gate import Gate
+from .settings import Settings
+
+__all__ = ["AdminRoutes"]
+
+_SECONDS_PER_DAY = 86400
+
+
+class AdminRoutes:
+    """Handlers for `/_proxy/health`, `/_proxy/ready` and `/_proxy/metrics`."""
+
+    def __init__(self, settings: Settings, credential: Credential, gate: Gate) -> None:
+        self.settings = settings
+        self.credential = credential
+        self.gate = gate
+
+    def routes(self) -> list[Route]:
+        """The Starlette routes."""
+        return [
+            Route("/_proxy/health", self.health, methods=["GET", "HEAD"]),
+            Route("/_proxy/ready", self.ready, methods=["GET", "HEAD"]),
+            Route("/_proxy/metrics", self.metrics, methods=["GET", "HEAD"]),
+        ]
+
+    async def health(self, request: Request) -> Response:
+        """Liveness: 200 while the process serves; never needs an access token."""
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 200 while a credential can be sent upstream, else 503 with the reason."""
+        refused = self.gate.authenticate(request.scope)
+        if refused is not None:
+            return error_response(refused)
+
+        reason = self.credential.unavailable_reason()
+        body: dict[str, Any] = {
+            "status": "ready" if reason is None else "not ready",
+            "environment": self.settings.environment,
+            "upstream": self.settings.upstream,
+            "credential": self.credential.kind,
+            "fingerprint": self.credential.fingerprint,
+        }
+        days = self.days_until_expiry()
+        if days is not None:
+            body["apiKeyExpiresInDays"] = days
+        if reason is not None:
+            body["reason"] = reason
+        return JSONResponse(body, status_code=200 if reason is None else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics in the text format."""
+        refused = self.gate.authenticate(request.scope)
+        if refused is not None:
+            return error_response(refused)
+
+        expires = self.settings.api_key_expires
+        if expires is not None:
+            midnight = datetime.datetime.combine(expires, datetime.time(), datetime.UTC)
+            seconds = (midnight - datetime.datetime.now(datetime.UTC)).total_seconds()
+            metrics.API_KEY_EXPIRY.set(seconds)
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
+
+    def days_until_expiry(self) -> int | None:
+        """Whole days until api_key_expires (negative once past), or None when unset."""
+        expires = self.settings.api_key_expires
+        if expires is None:
+            return None
+        return (expires - datetime.datetime.now(datetime.UTC).date()).days
+
+
+def error_response(error: errors.ProxyError) -> Response:
+    """A proxy error envelope as a Starlette response."""
+    headers = {"x-nexus-proxy-error": error.code}
+    headers.update({name.decode(): value.decode() for name, value in error.headers})
+    return Response(
+        error.body(), status_code=error.status, headers=headers, media_type="application/json"
+    )
+
+
+NOT_FOUND = errors.ProxyError(
+    404,
+    "ProxyNotFound",
+    "Paths under /_proxy/ belong to the proxy itself: /_proxy/health, /_proxy/ready "
+    "and /_proxy/metrics. Nothing under /_proxy/ is forwarded.",
+    upstream_reached=False,
+)

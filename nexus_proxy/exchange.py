@@ -1,0 +1,114 @@
+"""The state of one forwarded request: its body stream, its outcome, and the client's presence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from .types import Receive
+
+__all__ = ["NO_BODY", "BodyTooLarge", "ClientDisconnect", "Exchange", "RequestBody"]
+
+
+class ClientDisconnect(Exception):
+    """The client closed its connection before the exchange finished."""
+
+
+class BodyTooLarge(Exception):
+    """A chunked request body grew past max_body_size while being forwarded."""
+
+
+class Exchange:
+    """One request from arrival to its last response byte, with what the logs and metrics need."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client_gone",
+        "error_code",
+        "finished",
+        "method",
+        "path",
+        "receive",
+        "request_id",
+        "response_started",
+        "started",
+        "status",
+        "task",
+        "upstream_seconds",
+        "watcher",
+    )
+
+    def __init__(self, receive: Receive, method: str, path: str, request_id: str) -> None:
+        self.receive = receive
+        self.method = method
+        self.path = path
+        self.request_id = request_id
+        self.started = time.perf_counter()
+        self.task = asyncio.current_task()
+        self.watcher: asyncio.Task[None] | None = None
+        self.finished = False
+        self.client_gone = False
+        self.response_started = False
+        self.status = 0
+        self.error_code: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_seconds: float | None = None
+
+    def watch_disconnect(self) -> None:
+        """Cancel the exchange when the client disconnects; starts once the body is read."""
+        self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # A request without a body still delivers one empty http.request message.
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.finished and self.task is not None:
+            self.client_gone = True
+            self.task.cancel()
+
+    def finish(self) -> None:
+        """Stop watching; called as soon as the last response byte was handed to the server."""
+        self.finished = True
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+class RequestBody(httpx.AsyncByteStream):
+    """The client's body, read from ASGI `receive` as the upstream write asks for it."""
+
+    def __init__(self, exchange: Exchange, max_size: int) -> None:
+        self.exchange = exchange
+        self.max_size = max_size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        exchange = self.exchange
+        more_body = True
+        while more_body:
+            message = await exchange.receive()
+            if message["type"] == "http.disconnect":
+                exchange.client_gone = True
+                raise ClientDisconnect
+            more_body = message.get("more_body", False)
+            body = message.get("body", b"")
+            if body:
+                exchange.bytes_in += len(body)
+                if self.max_size and exchange.bytes_in > self.max_size:
+                    # Raising here makes the transport drop the connection mid-body,
+                    # so the upstream never sees a complete request.
+                    raise BodyTooLarge
+                yield body
+        exchange.watch_disconnect()
+
+
+class _NoBody(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        return
+        yield  # pragma: no cover
+
+
+NO_BODY = _NoBody()

@@ -1,0 +1,65 @@
+"""Reading secret files the way secret mounts write them, and refusing loose permissions."""
+
+from __future__ import annotations
+
+import logging
+import stat
+import tomllib
+from pathlib import Path
+
+from .errors import ConfigError
+from .settings import Settings
+
+__all__ = ["check_config_file", "check_permissions", "read_secret_file"]
+
+logger = logging.getLogger("nexus_proxy")
+
+# The rule ssh applies to private keys: no access at all for group or others.
+_LOOSE = stat.S_IRWXG | stat.S_IRWXO
+
+
+def check_permissions(path: Path, setting: str, *, allow_insecure: bool) -> None:
+    """Raise `ConfigError` when `path` is open to group or others, unless allowed."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+    if not mode & _LOOSE:
+        return
+
+    problem = (
+        f"{setting}: {path} holds a secret but is open to group or others "
+        f"(mode {stat.S_IMODE(mode):04o})"
+    )
+    if allow_insecure:
+        logger.warning("%s; allowed by allow_insecure_permissions", problem)
+        return
+    raise ConfigError(
+        f"{problem}; run 'chmod 600 {path}', or set allow_insecure_permissions = true "
+        "to accept it with a warning"
+    )
+
+
+def read_secret_file(path: Path, setting: str, *, allow_insecure: bool = False) -> str:
+    """The file's text with surrounding whitespace and the trailing newline stripped."""
+    check_permissions(path, setting, allow_insecure=allow_insecure)
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{setting}: cannot read {path}: {reason}") from None
+
+
+def check_config_file(settings: Settings) -> None:
+    """Apply the secret file rule to the TOML file when it holds a secret."""
+    if settings.config is None:
+        return
+    with settings.config.open("rb") as file:
+        data = tomllib.load(file)
+    oauth = data.get("oauth")
+    holds_secret = "api_key" in data or "access_tokens" in data
+    holds_secret |= isinstance(oauth, dict) and "client_secret" in oauth
+    if holds_secret:
+        check_permissions(
+            settings.config, "config", allow_insecure=settings.allow_insecure_permissions
+        )
