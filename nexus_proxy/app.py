@@ -7,6 +7,7 @@ import logging
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -19,6 +20,7 @@ from .credentials import Credential
 from .forward import Forwarder
 from .gate import Gate
 from .policy import RequestRules
+from .protocol import LIMITS_STATE_KEY, ClientLimits
 from .settings import Settings
 from .types import Receive, Scope, Send
 
@@ -96,6 +98,11 @@ class NexusProxy:
             default_headers=settings.default_headers,
             timeout=timeout(settings),
             access_log=settings.access_log,
+            body_timeout=settings.client_body_timeout,
+        )
+        self.client_limits = ClientLimits(
+            max_header_size=settings.max_header_size,
+            header_timeout=settings.client_header_timeout,
         )
         self.admin = Starlette(
             routes=AdminRoutes(settings, credential, gate).routes(),
@@ -110,11 +117,12 @@ class NexusProxy:
             await self.admin(scope, receive, send)
 
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with self.transport:
             await self.credential.start()
             try:
-                yield
+                # uvicorn hands this state to every connection's protocol.
+                yield {LIMITS_STATE_KEY: self.client_limits}
             finally:
                 await self.credential.aclose()
         logger.info("upstream connection pool closed")

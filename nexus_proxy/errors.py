@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from .types import Send
 
@@ -22,8 +23,11 @@ __all__ = [
     "BAD_REQUEST",
     "BODY_TOO_LARGE",
     "BODY_TOO_LARGE_SENT",
+    "CLIENT_TIMEOUT",
     "CREDENTIAL_UNAVAILABLE",
     "FORBIDDEN",
+    "HEADERS_TOO_LARGE",
+    "HEADER_TIMEOUT",
     "UNAUTHORIZED",
     "UPSTREAM_BUSY",
     "UPSTREAM_PROTOCOL_ERROR",
@@ -138,6 +142,27 @@ BODY_TOO_LARGE_SENT = ProxyError(
     "request was aborted before its end and cannot have been processed.",
     upstream_reached=True,
 )
+CLIENT_TIMEOUT = ProxyError(
+    408,
+    "ProxyClientTimeout",
+    "The request was not received within the proxy's client timeouts; "
+    "the upstream request, if any, was aborted before its end.",
+    upstream_reached=True,
+)
+HEADER_TIMEOUT = ProxyError(
+    408,
+    "ProxyClientTimeout",
+    "The request line and headers did not arrive within the proxy's "
+    "client_header_timeout; nothing was sent upstream.",
+    upstream_reached=False,
+)
+HEADERS_TOO_LARGE = ProxyError(
+    431,
+    "ProxyHeadersTooLarge",
+    "The request line and headers are larger than the proxy's max_header_size, "
+    "or there are more than 100 header fields.",
+    upstream_reached=False,
+)
 BAD_REQUEST = ProxyError(
     400,
     "ProxyBadRequest",
@@ -145,6 +170,19 @@ BAD_REQUEST = ProxyError(
     "not absolute URLs or CONNECT.",
     upstream_reached=False,
 )
+
+
+def raw_response(error: ProxyError) -> bytes:
+    """The error as a complete HTTP/1.1 response that closes the connection."""
+    body = error.body()
+    head = (
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"x-nexus-proxy-error: {error.code}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def send_error(send: Send, error: ProxyError, *extra: tuple[bytes, bytes]) -> None:

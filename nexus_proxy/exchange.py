@@ -10,7 +10,7 @@ import httpx
 
 from .types import Receive
 
-__all__ = ["NO_BODY", "BodyTooLarge", "ClientDisconnect", "Exchange", "RequestBody"]
+__all__ = ["NO_BODY", "BodyTimeout", "BodyTooLarge", "ClientDisconnect", "Exchange", "RequestBody"]
 
 
 class ClientDisconnect(Exception):
@@ -19,6 +19,10 @@ class ClientDisconnect(Exception):
 
 class BodyTooLarge(Exception):
     """A chunked request body grew past max_body_size while being forwarded."""
+
+
+class BodyTimeout(Exception):
+    """The client paused its request body for longer than client_body_timeout."""
 
 
 class Exchange:
@@ -81,15 +85,20 @@ class Exchange:
 class RequestBody(httpx.AsyncByteStream):
     """The client's body, read from ASGI `receive` as the upstream write asks for it."""
 
-    def __init__(self, exchange: Exchange, max_size: int) -> None:
+    def __init__(self, exchange: Exchange, max_size: int, timeout: float) -> None:
         self.exchange = exchange
         self.max_size = max_size
+        self.timeout = timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         exchange = self.exchange
         more_body = True
         while more_body:
-            message = await exchange.receive()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    message = await exchange.receive()
+            except TimeoutError:
+                raise BodyTimeout from None
             if message["type"] == "http.disconnect":
                 exchange.client_gone = True
                 raise ClientDisconnect

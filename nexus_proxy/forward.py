@@ -23,7 +23,14 @@ import httpx
 
 from . import errors, metrics
 from .credentials import Credential, CredentialUnavailable
-from .exchange import NO_BODY, BodyTooLarge, ClientDisconnect, Exchange, RequestBody
+from .exchange import (
+    NO_BODY,
+    BodyTimeout,
+    BodyTooLarge,
+    ClientDisconnect,
+    Exchange,
+    RequestBody,
+)
 from .gate import Gate
 from .headers import Framing, RequestPolicy, ResponsePolicy
 from .logs import REQUEST_ID
@@ -80,6 +87,7 @@ class Forwarder:
         default_headers: dict[str, str],
         timeout: httpx.Timeout,
         access_log: bool = True,
+        body_timeout: float = 60.0,
     ) -> None:
         url = httpx.URL(upstream)
         self.origin = url.copy_with(raw_path=b"/")
@@ -93,6 +101,7 @@ class Forwarder:
         self.responses = ResponsePolicy(url)
         self.extensions = {"timeout": timeout.as_dict()}
         self.access_log = access_log
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,6 +143,10 @@ class Forwarder:
             logger.warning("request body grew past max_body_size; upstream request aborted")
             if not exchange.response_started:
                 await self._answer(send, exchange, errors.BODY_TOO_LARGE_SENT)
+        except BodyTimeout:
+            logger.warning("request body paused past client_body_timeout; upstream request aborted")
+            if not exchange.response_started:
+                await self._answer(send, exchange, errors.CLIENT_TIMEOUT)
 
     async def _forward(self, scope: Scope, raw_path: bytes, exchange: Exchange, send: Send) -> None:
         try:
@@ -162,7 +175,7 @@ class Forwarder:
                 return
 
         try:
-            await self._relay(scope, response, send, exchange)
+            await self._relay(scope, response, send, exchange, authorization)
         finally:
             await response.aclose()
 
@@ -177,7 +190,7 @@ class Forwarder:
 
         stream: httpx.AsyncByteStream
         if framing.has_body:
-            stream = RequestBody(exchange, self.gate.max_body_size)
+            stream = RequestBody(exchange, self.gate.max_body_size, self.body_timeout)
         else:
             stream = NO_BODY
             exchange.watch_disconnect()
@@ -214,9 +227,14 @@ class Forwarder:
         return fresh and scope["method"] in _SAFE_METHODS and not framing.has_body
 
     async def _relay(
-        self, scope: Scope, response: httpx.Response, send: Send, exchange: Exchange
+        self,
+        scope: Scope,
+        response: httpx.Response,
+        send: Send,
+        exchange: Exchange,
+        authorization: bytes,
     ) -> None:
-        headers = self.responses.apply(response.headers.raw)
+        headers = self.responses.apply(response.headers.raw, secret=_secret_of(authorization))
         headers.append((_REQUEST_ID, exchange.request_id.encode()))
         if response.status_code in _NO_BODY_STATUSES:
             # 204 and 304 never carry a body (RFC 9110 sections 15.3.5, 15.4.5); a
@@ -276,6 +294,11 @@ class Forwarder:
         exchange.error_code = error.code
         exchange.response_started = True
         await errors.send_error(send, error, (_REQUEST_ID, exchange.request_id.encode()))
+
+
+def _secret_of(authorization: bytes) -> bytes:
+    """The credential inside an `Authorization: Bearer <credential>` value."""
+    return authorization.partition(b" ")[2]
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:

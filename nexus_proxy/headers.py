@@ -36,6 +36,7 @@ HOP_BY_HOP = frozenset(
 _REPLACED = frozenset({b"host", b"authorization", b"expect", b"content-length", b"x-request-id"})
 
 ISO8601 = b"request_iso8601"
+REDACTED = b"[redacted]"
 
 # The proxy sets the request id it logged; an upstream one would repeat it.
 _RESPONSE_DROPPED = HOP_BY_HOP | {b"x-request-id"}
@@ -119,8 +120,8 @@ class ResponsePolicy:
         base = upstream.raw_path.rstrip(b"/")
         self.location_prefixes = [prefix.encode().lower() + base for prefix in origins]
 
-    def apply(self, headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-        """The headers to send to the client."""
+    def apply(self, headers: Iterable[tuple[bytes, bytes]], secret: bytes = b"") -> Headers:
+        """The headers to send to the client, any value holding `secret` replaced."""
         headers = list(headers)
         dropped = _RESPONSE_DROPPED
         if any(name.lower() == b"connection" for name, _ in headers):
@@ -133,6 +134,10 @@ class ResponsePolicy:
                 continue
             if lowered == b"location":
                 value = self.rewrite_location(value)
+            if secret and secret in value:
+                # An upstream that echoes the credential (a debug header, an error
+                # page's redirect) must not hand it to the client.
+                value = REDACTED
             kept.append((name, value))
         return kept
 

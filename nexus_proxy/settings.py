@@ -147,6 +147,15 @@ class Options(BaseSettings):
     max_body_size: int = Field(
         100 * MIB, ge=0, description="Largest request body in bytes; 0 for no limit"
     )
+    max_header_size: int = Field(
+        64 * 1024, ge=1024, description="Largest request line plus headers, in bytes"
+    )
+    client_header_timeout: Seconds = Field(
+        30.0, description="Seconds a client gets to send a request's line and headers"
+    )
+    client_body_timeout: Seconds = Field(
+        60.0, description="Seconds a request body may pause between two reads"
+    )
     allow_insecure_permissions: bool = Field(
         False, description="Only warn when a secret file is readable by group or others"
     )

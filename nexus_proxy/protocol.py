@@ -1,0 +1,123 @@
+"""uvicorn's httptools protocol, with the checks a proxy in front of a money API needs.
+
+- A target that is not in origin form (`GET http://host/x`, `CONNECT host:443`,
+  `OPTIONS *`) reaches the app unparsed in `raw_path`, so the app can refuse it;
+  uvicorn would otherwise reduce an absolute-form target to its path.
+- The request line and headers are bounded in size and count (431), and must
+  arrive within `client_header_timeout` (408): uvicorn bounds neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from . import errors
+
+__all__ = ["LIMITS_STATE_KEY", "ClientLimits", "OriginFormHttpTools"]
+
+logger = logging.getLogger("nexus_proxy")
+
+# Where the app's lifespan puts the limits; uvicorn hands that state to each connection.
+LIMITS_STATE_KEY = "nexus_proxy.client_limits"
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """How much and how slowly a client may send a request head."""
+
+    max_header_size: int = 64 * 1024
+    max_header_count: int = 100
+    header_timeout: float = 30.0
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class OriginFormHttpTools(HttpToolsProtocol):
+    """The httptools protocol with origin-form checks and bounded request heads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits: ClientLimits = self.app_state.get(LIMITS_STATE_KEY) or ClientLimits()
+        self.head_size = 0
+        self.head_count = 0
+        self.head_too_large = False
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_size = 0
+        self.head_count = 0
+        if self.head_timer is None:
+            self._start_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4, 1)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        target = self.url
+        if not target.startswith(b"/"):
+            self.url = b"/"
+        super().on_headers_complete()
+        if not target.startswith(b"/"):
+            self.scope["raw_path"] = target
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.head_too_large:
+            super().send_400_response(msg)
+            return
+        logger.warning("refused a request whose head exceeds max_header_size or 100 fields")
+        self.transport.write(errors.raw_response(errors.HEADERS_TOO_LARGE))
+        self.transport.close()
+
+    def _count(self, size: int, fields: int) -> None:
+        self.head_size += size
+        self.head_count += fields
+        if self.head_size > self.limits.max_header_size or (
+            self.head_count > self.limits.max_header_count
+        ):
+            # Raising inside a parser callback makes httptools stop with a parse
+            # error, which lands in send_400_response above.
+            self.head_too_large = True
+            raise _HeadTooLarge
+
+    def _start_head_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.head_timer = loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        logger.warning(
+            "closed a connection from %s: no complete request head within %s s",
+            self.client,
+            self.limits.header_timeout,
+        )
+        self.transport.write(errors.raw_response(errors.HEADER_TIMEOUT))
+        self.transport.close()
