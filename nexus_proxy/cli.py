@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from pydantic_settings import SettingsError
 
 from . import __version__
 from .access import AccessTokens, check_exposure, load_access_tokens
-from .credentials import StaticKey, load_api_key
+from .credentials import Credential, build_credential
 from .errors import ConfigError
 from .logs import configure_logging
 from .secretfile import check_config_file
@@ -46,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
 
     if command == "check":
-        fingerprints = {"api_key": credential.fingerprint or "none"}
-        effective = describe(settings, fingerprints)
+        effective = describe(settings, credential.fingerprints())
         effective["access_tokens"] = len(tokens)
         print(json.dumps(effective, indent=2))
         return 0
@@ -67,14 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if serve(settings, credential, tokens, args) else 1
 
 
-def _load(args: list[str]) -> tuple[Settings, StaticKey, AccessTokens]:
+def _load(args: list[str]) -> tuple[Settings, Credential, AccessTokens]:
     """The settings, credential and access tokens, or a `ConfigError` listing every problem."""
     _check_flags(args)
     try:
         settings = Settings.load(args)
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
-    except (SettingsError, ValueError) as exc:
+    except (SettingsError, ValueError, argparse.ArgumentError) as exc:
         raise ConfigError(f"  - {exc}") from None
 
     problems = []
@@ -84,7 +84,7 @@ def _load(args: list[str]) -> tuple[Settings, StaticKey, AccessTokens]:
     except ConfigError as exc:
         problems.append(str(exc))
     try:
-        credential = StaticKey(load_api_key(settings))
+        credential = build_credential(settings)
     except ConfigError as exc:
         problems.append(str(exc))
     try:
@@ -98,7 +98,7 @@ def _load(args: list[str]) -> tuple[Settings, StaticKey, AccessTokens]:
 
 def _check_flags(args: list[str]) -> None:
     """Refuse unknown flags here, naming them without echoing any value (it may be a secret)."""
-    names = [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+    names = [arg.split("=", 1)[0] for arg in args if arg.startswith("-") and not _is_number(arg)]
     if any(name in _SECRET_FLAGS for name in names):
         raise ConfigError(
             "  - api_key: the key cannot be given as a flag (it would show in the process "
@@ -110,6 +110,14 @@ def _check_flags(args: list[str]) -> None:
         raise ConfigError(
             f"  - unknown option(s): {', '.join(unknown)}; nexus-proxy --help lists them"
         )
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
 
 
 def _known_flags() -> set[str]:
@@ -126,7 +134,10 @@ def _explain(exc: ValidationError) -> str:
     """One line per problem, naming the setting and where it can be set."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
-        key = ".".join(str(part) for part in error["loc"]) or "configuration"
+        key = ".".join(str(part) for part in error["loc"])
+        if not key:  # a rule across settings: its message names them
+            lines.append(f"  - {error['msg'].removeprefix('Value error, ')}")
+            continue
         if error["type"] == "extra_forbidden":
             message = "unknown setting; config.example.toml lists every valid key"
         else:

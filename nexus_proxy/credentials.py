@@ -1,27 +1,51 @@
-"""The Nexus credential: where the key comes from, and how it is shown (only as a fingerprint)."""
+"""The Nexus credential: the interface the proxy uses, and the helpers both kinds share.
+
+Two kinds exist: an API key (`keyfile.ApiKey`, optionally re-read from a file) and
+OAuth2 client credentials (`oauth.ClientCredentials`). `build_credential` picks
+one from the settings. Secrets are shown only as fingerprints.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import SecretStr
 
 from .errors import ConfigError
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .keyfile import ApiKey
+    from .oauth import ClientCredentials
+
 __all__ = [
+    "MAX_SECRET_FILE_BYTES",
     "Credential",
     "CredentialUnavailable",
-    "StaticKey",
+    "RepeatLimit",
+    "authorization_fingerprint",
+    "build_credential",
+    "describe_read_error",
     "fingerprint",
+    "is_header_safe",
     "load_api_key",
+    "read_secret",
+    "warn_unauthorized",
 ]
+
+logger = logging.getLogger("nexus_proxy")
 
 # RFC 9110 section 5.5: a field value is visible ASCII, space and tab; we also
 # refuse inner spaces, which no Nexus key contains and which would split "Bearer KEY".
 _ALLOWED = frozenset(range(0x21, 0x7F))
+
+# A secret file larger than this is a mistake (a key is under 100 bytes), not a secret.
+MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
 class CredentialUnavailable(Exception):
@@ -32,6 +56,9 @@ class Credential(Protocol):
     """What the proxy needs from a credential, whatever its kind."""
 
     kind: str  # "api_key" or "oauth"
+    reloads: int  # new keys loaded from api_key_file
+    refreshes: int  # OAuth tokens obtained
+    unauthorized: int  # upstream 401 responses
 
     @property
     def fingerprint(self) -> str | None:
@@ -50,6 +77,15 @@ class Credential(Protocol):
     def unavailable_reason(self) -> str | None:
         """Why no credential can be sent right now, or None when one can."""
 
+    def expiry_days(self) -> int | None:
+        """Days left until the API key's configured expiry date (negative after it), or None."""
+
+    def fingerprints(self) -> dict[str, str]:
+        """The fingerprint of each configured secret, by setting name, for `nexus-proxy check`."""
+
+    def reload(self) -> None:
+        """Re-read the secret files now; safe to call from a signal handler."""
+
     async def start(self) -> None:
         """Begin: fetch a first token, start refreshing; called once at startup."""
 
@@ -57,9 +93,57 @@ class Credential(Protocol):
         """Stop background work; called once at shutdown."""
 
 
+def build_credential(settings: Settings) -> ApiKey | ClientCredentials:
+    """Build the credential that the settings configure, or raise `ConfigError`.
+
+    Nothing is contacted here; an OAuth token is first requested by `start()`.
+    """
+    # Imported here because both modules import this one.
+    if settings.oauth is not None:
+        from .oauth import ClientCredentials
+
+        return ClientCredentials.from_settings(settings)
+
+    from .keyfile import ApiKey
+
+    return ApiKey.from_settings(settings)
+
+
 def fingerprint(secret: SecretStr) -> str:
     """The first 8 hex digits of the secret's SHA-256: enough to tell keys apart, safe to log."""
     return hashlib.sha256(secret.get_secret_value().encode()).hexdigest()[:8]
+
+
+def authorization_fingerprint(authorization: bytes) -> str:
+    """The fingerprint of the secret in a `Bearer SECRET` header value."""
+    return hashlib.sha256(authorization.removeprefix(b"Bearer ")).hexdigest()[:8]
+
+
+def is_header_safe(secret: str) -> bool:
+    """Whether `secret` can follow "Bearer " in a header: visible ASCII without spaces."""
+    return all(ord(char) in _ALLOWED for char in secret)
+
+
+def read_secret(path: Path) -> str:
+    """Read a secret file as secret mounts write it: UTF-8, surrounding whitespace stripped.
+
+    Raises `OSError`, `UnicodeDecodeError`, or `ValueError` for a file larger than
+    `MAX_SECRET_FILE_BYTES`.
+    """
+    with path.open("rb") as file:
+        data = file.read(MAX_SECRET_FILE_BYTES + 1)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ValueError(f"it is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    return data.decode("utf-8").strip()
+
+
+def describe_read_error(exc: OSError | ValueError) -> str:
+    """Name a `read_secret` failure without quoting any byte of the file."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(exc, OSError):
+        return exc.strerror or exc.__class__.__name__
+    return str(exc)
 
 
 def load_api_key(settings: Settings) -> SecretStr:
@@ -82,7 +166,7 @@ def load_api_key(settings: Settings) -> SecretStr:
             f"api_key: the key from {source} is empty; set NEXUS_PROXY_API_KEY "
             "or point api_key_file at a file that holds the key"
         )
-    if not all(ord(char) in _ALLOWED for char in key):
+    if not is_header_safe(key):
         raise ConfigError(
             f"api_key: the key from {source} holds characters that cannot be sent in an "
             "HTTP header (spaces, control or non-ASCII characters); copy the key again"
@@ -92,43 +176,40 @@ def load_api_key(settings: Settings) -> SecretStr:
 
 def _read_secret_file(path: Path, name: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc.__class__.__name__}") from None
+        return read_secret(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {describe_read_error(exc)}") from None
 
 
-class StaticKey:
-    """A fixed Service Account API key, sent as `Authorization: Bearer KEY`."""
+class RepeatLimit:
+    """Allows one log line per `interval` seconds for a repeating event, counting the rest."""
 
-    kind = "api_key"
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = -math.inf
+        self._suppressed = 0
 
-    def __init__(self, key: SecretStr) -> None:
-        self._fingerprint = fingerprint(key)
-        # The one place the key is unwrapped: the header value sent upstream.
-        self._authorization = b"Bearer " + key.get_secret_value().encode("ascii")
+    def allow(self) -> int | None:
+        """Return the number of repeats left out since the last line, or None to leave this out."""
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self._interval
+        return suppressed
 
-    @property
-    def fingerprint(self) -> str:
-        """The key's fingerprint."""
-        return self._fingerprint
 
-    def __repr__(self) -> str:
-        return f"StaticKey(fingerprint={self.fingerprint!r})"
-
-    async def authorization(self) -> bytes:
-        """The Bearer header value; a static key is always available."""
-        return self._authorization
-
-    async def rejected(self, authorization: bytes) -> bool:
-        """A static key cannot change, so a 401 is final."""
-        return False
-
-    def unavailable_reason(self) -> None:
-        """A static key is always available."""
-        return None
-
-    async def start(self) -> None:
-        """Nothing to start."""
-
-    async def aclose(self) -> None:
-        """Nothing to stop."""
+def warn_unauthorized(limit: RepeatLimit, secret: str, authorization: bytes) -> None:
+    """Log an upstream 401 for the `secret` kind ("API key", "OAuth token"), rate-limited."""
+    suppressed = limit.allow()
+    if suppressed is None:
+        return
+    repeats = f" ({suppressed} more since the last warning)" if suppressed else ""
+    logger.warning(
+        "the upstream answered 401 Unauthorized to the %s with fingerprint %s%s",
+        secret,
+        authorization_fingerprint(authorization),
+        repeats,
+    )

@@ -252,16 +252,18 @@ class Forwarder:
             await send({"type": "http.response.body", "body": b""})
             return
 
-        # Hold one chunk back so that the last one goes out with more_body=False,
-        # saving a send per response.
-        pending = b""
+        # Every chunk is passed on as it arrives. With a Content-Length, the chunk
+        # that completes it goes out with more_body=False, saving a send; the loop
+        # still runs to the stream's end so the pooled connection is reusable.
+        length = _content_length(headers)
         assert isinstance(response.stream, httpx.AsyncByteStream)
         try:
             async for chunk in response.stream:
-                if pending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
                 exchange.bytes_out += len(chunk)
-                pending = chunk
+                complete = exchange.bytes_out == length
+                if complete:
+                    exchange.finish()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not complete})
         except httpx.TransportError as exc:
             # The status line is out: the only honest signal left is an aborted
             # connection, never a clean end of a truncated body.
@@ -271,8 +273,9 @@ class Forwarder:
                 exc.__class__.__name__,
             )
             return
-        exchange.finish()
-        await send({"type": "http.response.body", "body": pending})
+        if exchange.bytes_out != length:
+            exchange.finish()
+            await send({"type": "http.response.body", "body": b""})
 
     async def _fail(self, send: Send, exchange: Exchange, exc: httpx.TransportError) -> None:
         error = errors.UPSTREAM_PROTOCOL_ERROR
@@ -294,6 +297,13 @@ class Forwarder:
         exchange.error_code = error.code
         exchange.response_started = True
         await errors.send_error(send, error, (_REQUEST_ID, exchange.request_id.encode()))
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _secret_of(authorization: bytes) -> bytes:

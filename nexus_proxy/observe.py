@@ -39,6 +39,7 @@ def _log(exchange: Exchange, duration: float) -> None:
         else None
     )
     fields = {
+        "request_id": exchange.request_id,
         "method": exchange.method,
         "path": exchange.path,
         "status": exchange.status,

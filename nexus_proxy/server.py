@@ -10,38 +10,21 @@ import signal
 import socket
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from .access import AccessTokens
 from .app import NexusProxy
-from .credentials import Credential, StaticKey, load_api_key
+from .credentials import Credential, build_credential
 from .logs import configure_logging
+from .protocol import OriginFormHttpTools
 from .settings import Settings
 from .types import ASGIApp
 
-__all__ = ["OriginFormHttpTools", "serve", "uvicorn_config", "worker_app"]
+__all__ = ["serve", "uvicorn_config", "worker_app"]
 
 logger = logging.getLogger("nexus_proxy")
 
 _WORKER_ARGV = "NEXUS_PROXY_WORKER_ARGV"
-
-
-class OriginFormHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol, but it lets the app see non-origin-form targets.
-
-    uvicorn parses an absolute-form target (`GET http://host/x`) down to its path,
-    so the app could not refuse it. A target that does not start with "/" is
-    parsed as "/" and handed over in `raw_path`, where the forwarder refuses it.
-    """
-
-    def on_headers_complete(self) -> None:
-        target = self.url
-        if not target.startswith(b"/"):
-            self.url = b"/"
-        super().on_headers_complete()
-        if not target.startswith(b"/"):
-            self.scope["raw_path"] = target
 
 
 def uvicorn_config(app: ASGIApp | str, settings: Settings) -> uvicorn.Config:
@@ -53,6 +36,8 @@ def uvicorn_config(app: ASGIApp | str, settings: Settings) -> uvicorn.Config:
         factory=isinstance(app, str),
         workers=settings.workers,
         http=OriginFormHttpTools,
+        # Upgrade requests are forwarded as plain requests, minus the Upgrade header.
+        ws="none",
         lifespan="on",
         # One access line per request comes from nexus_proxy.access; uvicorn's
         # would print query strings.
@@ -85,6 +70,9 @@ def serve(
         config = uvicorn_config(NexusProxy(settings, credential, tokens), settings)
 
     sock = _bind(settings)
+    # Listening now makes the log line below true: connections wait in the
+    # backlog until the server (or the first worker) accepts them.
+    sock.listen(config.backlog)
     logger.info(
         "nexus-proxy listening on %s, forwarding to %s (environment %s), %s fingerprint %s%s",
         _address(sock),
@@ -99,6 +87,8 @@ def serve(
     # with these handlers that re-raise is a no-op and the process exits 0.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
+    # SIGHUP re-reads api_key_file, or requests a new OAuth token, without a restart.
+    signal.signal(signal.SIGHUP, lambda *_: credential.reload())
     server = uvicorn.Server(config)
     try:
         if settings.workers > 1:
@@ -118,7 +108,7 @@ def worker_app() -> NexusProxy:
     argv = json.loads(os.environ[_WORKER_ARGV])
     settings = Settings.load(argv)
     configure_logging(settings.log_level, settings.log_format)
-    return NexusProxy(settings, StaticKey(load_api_key(settings)))
+    return NexusProxy(settings, build_credential(settings))
 
 
 def _bind(settings: Settings) -> socket.socket:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import httpx
 from pydantic import (
@@ -258,9 +258,22 @@ class Settings(Options):
             _toml_file.reset(token)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that raises instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments" in message:
+            # argparse would echo the stray values, and one may be a secret.
+            message = (
+                "unexpected argument(s): nexus-proxy takes options and the 'check' "
+                "command only; nexus-proxy --help lists the options"
+            )
+        raise ValueError(message)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser that the flags of `Options` are added to."""
-    return argparse.ArgumentParser(
+    return _Parser(
         prog="nexus-proxy",
         usage="nexus-proxy [check] [options]",
         description=(

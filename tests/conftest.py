@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from nexus_proxy.app import NexusProxy
-from nexus_proxy.credentials import StaticKey, load_api_key
+from nexus_proxy.credentials import Credential, build_credential
 from nexus_proxy.server import uvicorn_config
 from nexus_proxy.settings import Settings
 from tests.upstream import StandInUpstream
@@ -53,8 +53,13 @@ class RunningProxy:
 
 
 @contextmanager
-def serve_proxy(upstream_url: str, **overrides: Any) -> Iterator[RunningProxy]:
-    """Serve the real app with uvicorn on an ephemeral loopback port."""
+def serve_proxy(
+    upstream_url: str, credential: Credential | None = None, **overrides: Any
+) -> Iterator[RunningProxy]:
+    """Serve the real app with uvicorn on an ephemeral loopback port.
+
+    Without `credential`, the one the settings configure is built.
+    """
     options: dict[str, Any] = {
         "upstream_url": upstream_url,
         "api_key": KEY,
@@ -66,7 +71,7 @@ def serve_proxy(upstream_url: str, **overrides: Any) -> Iterator[RunningProxy]:
     }
     options.update(overrides)
     settings = Settings(**options)
-    app = NexusProxy(settings, StaticKey(load_api_key(settings)))
+    app = NexusProxy(settings, credential or build_credential(settings))
     config = uvicorn_config(app, settings)
     sock = config.bind_socket()
     server = _Server(config)

@@ -1,0 +1,275 @@
+"""The Service Account API key: fixed, or read from a file that may be rotated, and its expiry.
+
+A key file is re-read on use at most once per `check_interval`, at once on
+`reload()` (SIGHUP), and after an upstream 401. A secret mount that swaps a
+symlinked directory (Kubernetes) is followed, because the path is opened anew
+each time. A missing, empty or invalid file keeps the last good key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from . import metrics
+from .credentials import (
+    RepeatLimit,
+    describe_read_error,
+    fingerprint,
+    is_header_safe,
+    load_api_key,
+    read_secret,
+    warn_unauthorized,
+)
+from .settings import Settings
+
+__all__ = ["EXPIRY_WARNING_DAYS", "ApiKey", "KeyExpiry", "utc_today"]
+
+logger = logging.getLogger("nexus_proxy")
+
+EXPIRY_WARNING_DAYS = 14
+
+_CHECK_INTERVAL = 1.0
+_WARNING_INTERVAL = 60.0
+# The expiry is checked this often; a log line appears at most once per UTC day.
+_EXPIRY_CHECK_INTERVAL = 3600.0
+
+
+def utc_today() -> date:
+    """Today's date in UTC."""
+    return datetime.now(UTC).date()
+
+
+class KeyExpiry:
+    """The configured expiry date of a key, with a warning or an error at most once a day."""
+
+    def __init__(self, expires: date, today: Callable[[], date] = utc_today) -> None:
+        self.expires = expires
+        self._today = today
+        self._reported: date | None = None
+
+    def days_left(self) -> int:
+        """Days from today (UTC) until the expiry date; negative once it has passed."""
+        return (self.expires - self._today()).days
+
+    def check(self) -> None:
+        """Log the days left from `EXPIRY_WARNING_DAYS` before the date, and an error after it."""
+        today = self._today()
+        days = (self.expires - today).days
+        if today == self._reported or days > EXPIRY_WARNING_DAYS:
+            return
+
+        self._reported = today
+        if days < 0:
+            logger.error(
+                "the API key expired on %s (%d days ago), so Nexus rejects it; create a new "
+                "key in the Nexus Identity portal, then update the key and api_key_expires",
+                self.expires,
+                -days,
+            )
+        else:
+            logger.warning(
+                "the API key expires on %s, in %d days; create a new key in the Nexus "
+                "Identity portal, then update the key and api_key_expires",
+                self.expires,
+                days,
+            )
+
+
+class ApiKey:
+    """A Service Account API key, sent as `Authorization: Bearer KEY`."""
+
+    kind = "api_key"
+
+    def __init__(
+        self,
+        key: SecretStr,
+        *,
+        path: Path | None = None,
+        expires: date | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        today: Callable[[], date] = utc_today,
+        check_interval: float = _CHECK_INTERVAL,
+    ) -> None:
+        self.reloads = 0
+        self.refreshes = 0
+        self.unauthorized = 0
+        self._path = path
+        self._clock = clock
+        self._check_interval = check_interval
+        self._next_check = clock() + check_interval
+        self._use(key)
+
+        # api_key_expires describes the key loaded at startup, not a key rotated in later.
+        self._expiry = KeyExpiry(expires, today) if expires is not None else None
+        self._expiry_fingerprint = self._fingerprint
+        self._file_problem: str | None = None
+        self._file_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
+        self._unauthorized_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        today: Callable[[], date] = utc_today,
+    ) -> ApiKey:
+        """Load the key from `api_key` or `api_key_file`; raises `ConfigError`."""
+        return cls(
+            load_api_key(settings),
+            path=settings.api_key_file,
+            expires=settings.api_key_expires,
+            clock=clock,
+            today=today,
+        )
+
+    def _use(self, key: SecretStr) -> None:
+        self._key = key
+        self._fingerprint = fingerprint(key)
+        # The one place the key is unwrapped: the header value sent upstream.
+        self._authorization = b"Bearer " + key.get_secret_value().encode("ascii")
+
+    @property
+    def fingerprint(self) -> str:
+        """The current key's fingerprint."""
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"ApiKey(fingerprint={self._fingerprint!r}, path={self._path!r})"
+
+    async def authorization(self) -> bytes:
+        """The Bearer header value; re-reads the key file when `check_interval` has passed."""
+        if self._path is not None and self._clock() >= self._next_check:
+            self._read_file()
+        return self._authorization
+
+    async def rejected(self, authorization: bytes) -> bool:
+        """Count and log the 401; re-read the key file, if any, unless the key changed already."""
+        self.unauthorized += 1
+        warn_unauthorized(self._unauthorized_warnings, "API key", authorization)
+        if authorization != self._authorization:
+            return True
+        return self._path is not None and self._read_file()
+
+    def unavailable_reason(self) -> None:
+        """An API key is always available, stale or not."""
+        return None
+
+    def expiry_days(self) -> int | None:
+        """Days left until api_key_expires, or None when unset or the key has been rotated."""
+        if self._expiry is None or self._fingerprint != self._expiry_fingerprint:
+            return None
+        return self._expiry.days_left()
+
+    def fingerprints(self) -> dict[str, str]:
+        """The key's fingerprint."""
+        return {"api_key": self._fingerprint}
+
+    def reload(self) -> None:
+        """Re-read the key file on the event loop; safe to call from a signal handler."""
+        if self._loop is None:
+            self._reload()
+            return
+        # The loop is closed once the server has stopped; nothing is left to reload.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._reload)
+
+    def _reload(self) -> None:
+        if self._path is None:
+            logger.info(
+                "reload requested, but the API key comes from NEXUS_PROXY_API_KEY, "
+                "which cannot change while the proxy runs"
+            )
+            return
+        if not self._read_file():
+            logger.info(
+                "reload requested: api_key_file %s still holds the key with fingerprint %s",
+                self._path,
+                self._fingerprint,
+            )
+
+    async def start(self) -> None:
+        """Warn about the expiry date now, and check it every hour from now on."""
+        self._loop = asyncio.get_running_loop()
+        if self._expiry is not None:
+            self._expiry.check()
+            self._expiry_task = asyncio.create_task(self._watch_expiry())
+
+    async def aclose(self) -> None:
+        """Stop the expiry checks."""
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+
+    async def _watch_expiry(self) -> None:
+        assert self._expiry is not None
+        while True:
+            await asyncio.sleep(_EXPIRY_CHECK_INTERVAL)
+            if self._fingerprint == self._expiry_fingerprint:
+                self._expiry.check()
+
+    def _read_file(self) -> bool:
+        """Re-read the key file; returns True when it holds a new, valid key."""
+        assert self._path is not None
+        self._next_check = self._clock() + self._check_interval
+        try:
+            key = read_secret(self._path)
+        except (OSError, ValueError) as exc:
+            return self._keep_key(f"cannot be read: {describe_read_error(exc)}")
+        if not key:
+            return self._keep_key("is empty")
+        if not is_header_safe(key):
+            return self._keep_key(
+                "holds characters that cannot be sent in an HTTP header "
+                "(spaces, control or non-ASCII characters)"
+            )
+
+        if self._file_problem is not None:
+            logger.info("api_key_file %s holds a valid key again", self._path)
+            self._file_problem = None
+        if key == self._key.get_secret_value():
+            return False
+
+        previous = self._fingerprint
+        self._use(SecretStr(key))
+        self.reloads += 1
+        metrics.CREDENTIAL_RELOADS.inc()
+        logger.info(
+            "api_key_file %s changed: sending the key with fingerprint %s instead of %s",
+            self._path,
+            self._fingerprint,
+            previous,
+        )
+        if self._expiry is not None and self._fingerprint != self._expiry_fingerprint:
+            logger.info(
+                "api_key_expires (%s) belongs to the key with fingerprint %s, so expiry "
+                "warnings stop; restart with the new key's expiry date to resume them",
+                self._expiry.expires,
+                self._expiry_fingerprint,
+            )
+        return True
+
+    def _keep_key(self, problem: str) -> bool:
+        self._file_problem = problem
+        suppressed = self._file_warnings.allow()
+        if suppressed is not None:
+            repeats = f" ({suppressed} more since the last warning)" if suppressed else ""
+            logger.warning(
+                "api_key_file %s %s; still sending the last good key (fingerprint %s)%s",
+                self._path,
+                problem,
+                self._fingerprint,
+                repeats,
+            )
+        return False
