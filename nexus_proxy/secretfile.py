@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import tomllib
 from pathlib import Path
@@ -14,18 +15,28 @@ __all__ = ["check_config_file", "check_permissions", "read_secret_file"]
 
 logger = logging.getLogger("nexus_proxy")
 
-# The rule ssh applies to private keys: no access at all for group or others.
-_LOOSE = stat.S_IRWXG | stat.S_IRWXO
+def is_too_open(status: os.stat_result) -> bool:
+    """Whether a secret file is open to more than its owner and, in one case, its group.
+
+    OpenSSH's rule for private keys applies to a file the proxy's own user owns:
+    no access for group or others. A file owned by another user (root, as
+    Kubernetes mounts Secrets with fsGroup, mode 0440) may grant its group read
+    access, since its owner decided that; access for others is never accepted.
+    """
+    if status.st_mode & stat.S_IRWXO:
+        return True
+    return status.st_uid == os.getuid() and bool(status.st_mode & stat.S_IRWXG)
 
 
 def check_permissions(path: Path, setting: str, *, allow_insecure: bool) -> None:
     """Raise `ConfigError` when `path` is open to group or others, unless allowed."""
     try:
-        mode = path.stat().st_mode
+        status = path.stat()
     except OSError as exc:
         raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
-    if not mode & _LOOSE:
+    if not is_too_open(status):
         return
+    mode = status.st_mode
 
     problem = (
         f"{setting}: {path} holds a secret but is open to group or others "
