@@ -34,7 +34,9 @@ __all__ = [
     "fingerprint",
     "is_header_safe",
     "load_api_key",
+    "load_secret_file",
     "read_secret",
+    "repeats_note",
     "warn_unauthorized",
 ]
 
@@ -81,7 +83,7 @@ class Credential(Protocol):
         """Days left until the API key's configured expiry date (negative after it), or None."""
 
     def fingerprints(self) -> dict[str, str]:
-        """The fingerprint of each configured secret, by setting name, for `nexus-proxy check`."""
+        """Return the fingerprint of each configured secret by setting name, for `check`."""
 
     def reload(self) -> None:
         """Re-read the secret files now; safe to call from a signal handler."""
@@ -115,12 +117,12 @@ def fingerprint(secret: SecretStr) -> str:
 
 
 def authorization_fingerprint(authorization: bytes) -> str:
-    """The fingerprint of the secret in a `Bearer SECRET` header value."""
+    """Return the fingerprint of the secret in a `Bearer SECRET` header value."""
     return hashlib.sha256(authorization.removeprefix(b"Bearer ")).hexdigest()[:8]
 
 
 def is_header_safe(secret: str) -> bool:
-    """Whether `secret` can follow "Bearer " in a header: visible ASCII without spaces."""
+    """Check that `secret` can follow "Bearer " in a header: visible ASCII without spaces."""
     return all(ord(char) in _ALLOWED for char in secret)
 
 
@@ -174,6 +176,14 @@ def load_api_key(settings: Settings) -> SecretStr:
     return SecretStr(key)
 
 
+def load_secret_file(path: Path, setting: str) -> SecretStr:
+    """Read a secret file at startup; raises `ConfigError` when it is unreadable or empty."""
+    secret = _read_secret_file(path, setting)
+    if not secret:
+        raise ConfigError(f"{setting}: {path} is empty; write the secret into it")
+    return SecretStr(secret)
+
+
 def _read_secret_file(path: Path, name: str) -> str:
     try:
         return read_secret(path)
@@ -201,15 +211,19 @@ class RepeatLimit:
         return suppressed
 
 
+def repeats_note(suppressed: int) -> str:
+    """Format the repeats that a `RepeatLimit` left out as a log line suffix, or "" for none."""
+    return f" ({suppressed} more since the last warning)" if suppressed else ""
+
+
 def warn_unauthorized(limit: RepeatLimit, secret: str, authorization: bytes) -> None:
     """Log an upstream 401 for the `secret` kind ("API key", "OAuth token"), rate-limited."""
     suppressed = limit.allow()
     if suppressed is None:
         return
-    repeats = f" ({suppressed} more since the last warning)" if suppressed else ""
     logger.warning(
-        "the upstream answered 401 Unauthorized to the %s with fingerprint %s%s",
+        "the upstream returned 401 Unauthorized for the %s with fingerprint %s%s",
         secret,
         authorization_fingerprint(authorization),
-        repeats,
+        repeats_note(suppressed),
     )

@@ -3,7 +3,8 @@
 A key file is re-read on use at most once per `check_interval`, at once on
 `reload()` (SIGHUP), and after an upstream 401. A secret mount that swaps a
 symlinked directory (Kubernetes) is followed, because the path is opened anew
-each time. A missing, empty or invalid file keeps the last good key.
+each time. A missing, empty or invalid file keeps the last good key. `SecretFile`
+holds these rules for every secret file that is re-read while the proxy runs.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from .credentials import (
     is_header_safe,
     load_api_key,
     read_secret,
+    repeats_note,
     warn_unauthorized,
 )
 from .settings import Settings
 
-__all__ = ["EXPIRY_WARNING_DAYS", "ApiKey", "KeyExpiry", "utc_today"]
+__all__ = ["EXPIRY_WARNING_DAYS", "ApiKey", "KeyExpiry", "SecretFile", "utc_today"]
 
 logger = logging.getLogger("nexus_proxy")
 
@@ -69,18 +71,100 @@ class KeyExpiry:
         self._reported = today
         if days < 0:
             logger.error(
-                "the API key expired on %s (%d days ago), so Nexus rejects it; create a new "
+                "the API key expired on %s (%s ago), so Nexus rejects it; create a new "
                 "key in the Nexus Identity portal, then update the key and api_key_expires",
                 self.expires,
-                -days,
+                _days(-days),
             )
         else:
             logger.warning(
-                "the API key expires on %s, in %d days; create a new key in the Nexus "
+                "the API key expires on %s (%s); create a new key in the Nexus "
                 "Identity portal, then update the key and api_key_expires",
                 self.expires,
-                days,
+                f"in {_days(days)}" if days else "today",
             )
+
+
+def _days(count: int) -> str:
+    return "1 day" if count == 1 else f"{count} days"
+
+
+class SecretFile:
+    """A secret file that is re-read while the proxy runs, keeping its last good value.
+
+    A file that cannot be read, is empty or fails `check` keeps the value it had,
+    with a warning at most once a minute.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        setting: str,
+        value: SecretStr,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        check: Callable[[str], str | None] = lambda secret: None,
+    ) -> None:
+        self.path = path
+        self.setting = setting
+        self.value = value
+        self.fingerprint = fingerprint(value)
+        self._check = check
+        self._problem: str | None = None
+        self._warnings = RepeatLimit(_WARNING_INTERVAL, clock)
+
+    def __repr__(self) -> str:
+        return f"SecretFile({self.setting}={self.path}, fingerprint={self.fingerprint!r})"
+
+    def read(self) -> bool:
+        """Re-read the file; returns True when it contains a new, valid value."""
+        try:
+            secret = read_secret(self.path)
+        except (OSError, ValueError) as exc:
+            return self._keep(f"cannot be read: {describe_read_error(exc)}")
+        problem = self._check(secret) if secret else "is empty"
+        if problem is not None:
+            return self._keep(problem)
+
+        if self._problem is not None:
+            logger.info("%s %s contains a valid secret again", self.setting, self.path)
+            self._problem = None
+        if secret == self.value.get_secret_value():
+            return False
+        previous = self.fingerprint
+        self.value = SecretStr(secret)
+        self.fingerprint = fingerprint(self.value)
+        logger.info(
+            "%s %s changed: fingerprint %s replaces %s",
+            self.setting,
+            self.path,
+            self.fingerprint,
+            previous,
+        )
+        return True
+
+    def _keep(self, problem: str) -> bool:
+        self._problem = problem
+        suppressed = self._warnings.allow()
+        if suppressed is not None:
+            logger.warning(
+                "%s %s %s; keeping the last good secret (fingerprint %s)%s",
+                self.setting,
+                self.path,
+                problem,
+                self.fingerprint,
+                repeats_note(suppressed),
+            )
+        return False
+
+
+def _header_problem(key: str) -> str | None:
+    if is_header_safe(key):
+        return None
+    return (
+        "holds characters that cannot be sent in an HTTP header "
+        "(spaces, control or non-ASCII characters)"
+    )
 
 
 class ApiKey:
@@ -101,7 +185,9 @@ class ApiKey:
         self.reloads = 0
         self.refreshes = 0
         self.unauthorized = 0
-        self._path = path
+        self._file = None
+        if path is not None:
+            self._file = SecretFile(path, "api_key_file", key, clock=clock, check=_header_problem)
         self._clock = clock
         self._check_interval = check_interval
         self._next_check = clock() + check_interval
@@ -110,8 +196,6 @@ class ApiKey:
         # api_key_expires describes the key loaded at startup, not a key rotated in later.
         self._expiry = KeyExpiry(expires, today) if expires is not None else None
         self._expiry_fingerprint = self._fingerprint
-        self._file_problem: str | None = None
-        self._file_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
         self._unauthorized_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expiry_task: asyncio.Task[None] | None = None
@@ -134,7 +218,6 @@ class ApiKey:
         )
 
     def _use(self, key: SecretStr) -> None:
-        self._key = key
         self._fingerprint = fingerprint(key)
         # The one place the key is unwrapped: the header value sent upstream.
         self._authorization = b"Bearer " + key.get_secret_value().encode("ascii")
@@ -145,11 +228,11 @@ class ApiKey:
         return self._fingerprint
 
     def __repr__(self) -> str:
-        return f"ApiKey(fingerprint={self._fingerprint!r}, path={self._path!r})"
+        return f"ApiKey(fingerprint={self._fingerprint!r}, file={self._file!r})"
 
     async def authorization(self) -> bytes:
-        """The Bearer header value; re-reads the key file when `check_interval` has passed."""
-        if self._path is not None and self._clock() >= self._next_check:
+        """Return the Bearer header value, re-reading the key file once `check_interval` passed."""
+        if self._file is not None and self._clock() >= self._next_check:
             self._read_file()
         return self._authorization
 
@@ -159,10 +242,10 @@ class ApiKey:
         warn_unauthorized(self._unauthorized_warnings, "API key", authorization)
         if authorization != self._authorization:
             return True
-        return self._path is not None and self._read_file()
+        return self._file is not None and self._read_file()
 
     def unavailable_reason(self) -> None:
-        """An API key is always available, stale or not."""
+        """Return None, because an API key is always available, stale or not."""
         return None
 
     def expiry_days(self) -> int | None:
@@ -172,7 +255,7 @@ class ApiKey:
         return self._expiry.days_left()
 
     def fingerprints(self) -> dict[str, str]:
-        """The key's fingerprint."""
+        """Return the key's fingerprint by setting name."""
         return {"api_key": self._fingerprint}
 
     def reload(self) -> None:
@@ -185,7 +268,7 @@ class ApiKey:
             self._loop.call_soon_threadsafe(self._reload)
 
     def _reload(self) -> None:
-        if self._path is None:
+        if self._file is None:
             logger.info(
                 "reload requested, but the API key comes from NEXUS_PROXY_API_KEY, "
                 "which cannot change while the proxy runs"
@@ -193,8 +276,8 @@ class ApiKey:
             return
         if not self._read_file():
             logger.info(
-                "reload requested: api_key_file %s still holds the key with fingerprint %s",
-                self._path,
+                "reload requested: api_key_file %s still contains the key with fingerprint %s",
+                self._file.path,
                 self._fingerprint,
             )
 
@@ -220,37 +303,15 @@ class ApiKey:
                 self._expiry.check()
 
     def _read_file(self) -> bool:
-        """Re-read the key file; returns True when it holds a new, valid key."""
-        assert self._path is not None
+        """Re-read the key file; returns True when it contains a new, valid key."""
+        assert self._file is not None
         self._next_check = self._clock() + self._check_interval
-        try:
-            key = read_secret(self._path)
-        except (OSError, ValueError) as exc:
-            return self._keep_key(f"cannot be read: {describe_read_error(exc)}")
-        if not key:
-            return self._keep_key("is empty")
-        if not is_header_safe(key):
-            return self._keep_key(
-                "holds characters that cannot be sent in an HTTP header "
-                "(spaces, control or non-ASCII characters)"
-            )
-
-        if self._file_problem is not None:
-            logger.info("api_key_file %s holds a valid key again", self._path)
-            self._file_problem = None
-        if key == self._key.get_secret_value():
+        if not self._file.read():
             return False
 
-        previous = self._fingerprint
-        self._use(SecretStr(key))
+        self._use(self._file.value)
         self.reloads += 1
         metrics.CREDENTIAL_RELOADS.inc()
-        logger.info(
-            "api_key_file %s changed: sending the key with fingerprint %s instead of %s",
-            self._path,
-            self._fingerprint,
-            previous,
-        )
         if self._expiry is not None and self._fingerprint != self._expiry_fingerprint:
             logger.info(
                 "api_key_expires (%s) belongs to the key with fingerprint %s, so expiry "
@@ -259,17 +320,3 @@ class ApiKey:
                 self._expiry_fingerprint,
             )
         return True
-
-    def _keep_key(self, problem: str) -> bool:
-        self._file_problem = problem
-        suppressed = self._file_warnings.allow()
-        if suppressed is not None:
-            repeats = f" ({suppressed} more since the last warning)" if suppressed else ""
-            logger.warning(
-                "api_key_file %s %s; still sending the last good key (fingerprint %s)%s",
-                self._path,
-                problem,
-                self._fingerprint,
-                repeats,
-            )
-        return False

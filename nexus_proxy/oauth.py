@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import re
 import ssl
@@ -19,7 +20,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 from pydantic import SecretStr
@@ -28,13 +28,13 @@ from . import metrics
 from .credentials import (
     CredentialUnavailable,
     RepeatLimit,
-    describe_read_error,
     fingerprint,
     is_header_safe,
-    read_secret,
+    load_secret_file,
     warn_unauthorized,
 )
 from .errors import ConfigError
+from .keyfile import SecretFile
 from .settings import Settings
 
 __all__ = ["TOKEN_URLS", "ClientCredentials", "RefreshPolicy", "token_url"]
@@ -86,11 +86,11 @@ class _Token:
 
 
 class _TokenRequestFailed(Exception):
-    """The token request failed; the message says why without quoting the response body."""
+    """The token request failed; the message gives the reason without quoting the response body."""
 
 
 def token_url(settings: Settings) -> str:
-    """The token endpoint: `[oauth] token_url`, else the default for the environment."""
+    """Return the token endpoint: `[oauth] token_url`, else the default for the environment."""
     assert settings.oauth is not None
     if settings.oauth.token_url:
         return settings.oauth.token_url
@@ -110,7 +110,7 @@ class ClientCredentials:
     def __init__(
         self,
         client_id: str,
-        client_secret: SecretStr | Path,
+        client_secret: SecretStr | SecretFile,
         url: str,
         *,
         scope: str = "api1",
@@ -125,8 +125,7 @@ class ClientCredentials:
         self.refresh_failures = 0
         self.unauthorized = 0
         self._client_id = client_id
-        self._secret_file = client_secret if isinstance(client_secret, Path) else None
-        self._secret = client_secret if isinstance(client_secret, SecretStr) else None
+        self._secret = client_secret
         self._url = url
         self._scope = scope
         self._verify = verify
@@ -143,12 +142,9 @@ class ClientCredentials:
         self._inflight: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._unauthorized_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
-        self._secret_warnings = RepeatLimit(_WARNING_INTERVAL, clock)
         self._client: httpx.AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        if self._secret_file is not None:
-            self._read_secret_file()
 
     @classmethod
     def from_settings(
@@ -163,13 +159,19 @@ class ClientCredentials:
         assert oauth is not None
         if not oauth.client_id.strip():
             raise ConfigError("oauth.client_id: it is empty; set the client id from Nexus")
-        secret = oauth.client_secret_file or oauth.client_secret
-        assert secret is not None
-        if isinstance(secret, SecretStr) and not secret.get_secret_value().strip():
-            raise ConfigError(
-                "oauth.client_secret: it is empty; set NEXUS_PROXY_OAUTH__CLIENT_SECRET "
-                "or client_secret_file"
-            )
+        secret: SecretStr | SecretFile
+        if oauth.client_secret_file is not None:
+            setting = "oauth.client_secret_file"
+            value = load_secret_file(oauth.client_secret_file, setting)
+            secret = SecretFile(oauth.client_secret_file, setting, value, clock=clock)
+        else:
+            assert oauth.client_secret is not None
+            secret = SecretStr(oauth.client_secret.get_secret_value().strip())
+            if not secret.get_secret_value():
+                raise ConfigError(
+                    "oauth.client_secret: it is empty; set NEXUS_PROXY_OAUTH__CLIENT_SECRET "
+                    "or client_secret_file"
+                )
         url = token_url(settings)
         return cls(
             oauth.client_id.strip(),
@@ -192,7 +194,7 @@ class ClientCredentials:
         return f"ClientCredentials(client_id={self._client_id!r}, token_url={self._url!r})"
 
     async def authorization(self) -> bytes:
-        """The Bearer header value; waits for a token request in flight when there is no token.
+        """Return the Bearer header value, waiting for a token request in flight if needed.
 
         Raises `CredentialUnavailable` when no usable token exists and none is being fetched.
         """
@@ -227,6 +229,8 @@ class ClientCredentials:
             )
             self._token = None
             self._problem = "the upstream rejected the OAuth token"
+            # NOTE: an upstream that rejects every token (a wrong scope, say) costs one
+            # token request per 401, so up to one every `min_interval` under load.
             self._next_attempt = min(self._next_attempt, self._clock())
 
         if self._inflight is None and self._token is None and self._clock() >= self._next_attempt:
@@ -252,7 +256,7 @@ class ClientCredentials:
         return None
 
     def fingerprints(self) -> dict[str, str]:
-        """The client secret's fingerprint."""
+        """Return the client secret's fingerprint by setting name."""
         return {"oauth.client_secret": fingerprint(self._client_secret())}
 
     def reload(self) -> None:
@@ -272,7 +276,7 @@ class ClientCredentials:
         """Request the first token and start the background refresh.
 
         A failed first request is logged and retried in the background, so that
-        the proxy still starts and answers 503 until a token arrives.
+        the proxy still starts and responds with 503 until a token arrives.
         """
         self._loop = asyncio.get_running_loop()
         self._client = httpx.AsyncClient(
@@ -313,7 +317,7 @@ class ClientCredentials:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     def _fetch(self) -> asyncio.Task[None]:
-        """The token request in flight, started now if there is none."""
+        """Return the token request in flight, starting one if there is none."""
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._attempt(), name="oauth-token-request")
         return self._inflight
@@ -399,45 +403,15 @@ class ClientCredentials:
         )
 
     def _client_secret(self) -> SecretStr:
-        if self._secret_file is not None:
-            self._read_secret_file()
-        assert self._secret is not None
-        return self._secret
-
-    def _read_secret_file(self) -> None:
-        """Re-read client_secret_file, keeping the last good secret when it is unusable."""
-        assert self._secret_file is not None
-        try:
-            secret = read_secret(self._secret_file)
-            problem = None if secret else "it is empty"
-        except (OSError, ValueError) as exc:
-            secret, problem = "", describe_read_error(exc)
-        if problem is None:
-            if self._secret is not None and self._secret.get_secret_value() != secret:
-                self.reloads += 1
-                logger.info(
-                    "client_secret_file %s changed: using the secret with fingerprint %s",
-                    self._secret_file,
-                    fingerprint(SecretStr(secret)),
-                )
-            self._secret = SecretStr(secret)
-            return
-        if self._secret is None:
-            raise ConfigError(
-                f"oauth.client_secret_file: cannot use {self._secret_file}: {problem}"
-            )
-        suppressed = self._secret_warnings.allow()
-        if suppressed is not None:
-            logger.warning(
-                "client_secret_file %s cannot be used (%s); keeping the last good secret%s",
-                self._secret_file,
-                problem,
-                f" ({suppressed} more since the last warning)" if suppressed else "",
-            )
+        if isinstance(self._secret, SecretStr):
+            return self._secret
+        if self._secret.read():
+            self.reloads += 1
+        return self._secret.value
 
 
 def _parse_token_response(response: httpx.Response) -> tuple[SecretStr, float]:
-    """The access token and its lifetime in seconds; the body never appears in a message."""
+    """Parse the access token and its lifetime in seconds; messages never quote the body."""
     try:
         body = response.json()
     except ValueError:
@@ -458,7 +432,10 @@ def _parse_token_response(response: httpx.Response) -> tuple[SecretStr, float]:
     expires_in = body.get("expires_in")
     if isinstance(expires_in, str) and expires_in.isdigit():
         expires_in = int(expires_in)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        raise _TokenRequestFailed("the response has no positive expires_in")
+    # Python's json module reads NaN and Infinity, which no schedule can use.
+    if not math.isfinite(expires_in) or expires_in <= 0:
         raise _TokenRequestFailed("the response has no positive expires_in")
     return SecretStr(token), float(expires_in)
 
@@ -473,7 +450,7 @@ def _tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 def _egress_proxy(settings: Settings, url: str) -> str | None:
-    """The outbound proxy for the token endpoint, by the rule used for the upstream."""
+    """Return the outbound proxy for the token endpoint, by the rule used for the upstream."""
     if settings.egress_proxy is not None:
         return settings.egress_proxy or None
     target = httpx.URL(url)

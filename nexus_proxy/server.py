@@ -69,6 +69,10 @@ def serve(
     else:
         config = uvicorn_config(NexusProxy(settings, credential, tokens), settings)
 
+    # SIGHUP re-reads api_key_file, or requests a new OAuth token, without a restart.
+    # It is set before the listening line below, so that no SIGHUP after that line
+    # meets the default action, which ends the process.
+    signal.signal(signal.SIGHUP, lambda *_: credential.reload())
     sock = _bind(settings)
     # Listening now makes the log line below true: connections wait in the
     # backlog until the server (or the first worker) accepts them.
@@ -87,8 +91,6 @@ def serve(
     # with these handlers that re-raise is a no-op and the process exits 0.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
-    # SIGHUP re-reads api_key_file, or requests a new OAuth token, without a restart.
-    signal.signal(signal.SIGHUP, lambda *_: credential.reload())
     server = uvicorn.Server(config)
     try:
         if settings.workers > 1:
