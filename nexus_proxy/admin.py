@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -53,7 +52,7 @@ class AdminRoutes:
             "credential": self.credential.kind,
             "fingerprint": self.credential.fingerprint,
         }
-        days = self.days_until_expiry()
+        days = self.credential.expiry_days()
         if days is not None:
             body["apiKeyExpiresInDays"] = days
         if reason is not None:
@@ -66,19 +65,10 @@ class AdminRoutes:
         if refused is not None:
             return error_response(refused)
 
-        expires = self.settings.api_key_expires
-        if expires is not None:
-            midnight = datetime.datetime.combine(expires, datetime.time(), datetime.UTC)
-            seconds = (midnight - datetime.datetime.now(datetime.UTC)).total_seconds()
-            metrics.API_KEY_EXPIRY.set(seconds)
+        days = self.credential.expiry_days()
+        if days is not None:
+            metrics.API_KEY_EXPIRY.set(days * _SECONDS_PER_DAY)
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
-
-    def days_until_expiry(self) -> int | None:
-        """Whole days until api_key_expires (negative once past), or None when unset."""
-        expires = self.settings.api_key_expires
-        if expires is None:
-            return None
-        return (expires - datetime.datetime.now(datetime.UTC).date()).days
 
 
 def error_response(error: errors.ProxyError) -> Response:

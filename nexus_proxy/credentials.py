@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import SecretStr
 
 from .errors import ConfigError
+from .secretfile import check_permissions
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -100,6 +101,15 @@ def build_credential(settings: Settings) -> ApiKey | ClientCredentials:
 
     Nothing is contacted here; an OAuth token is first requested by `start()`.
     """
+    # Secret files are checked once, at startup: a rotated file keeps the mode
+    # its mount gives it.
+    secret_files = [("api_key_file", settings.api_key_file)]
+    if settings.oauth is not None:
+        secret_files.append(("oauth.client_secret_file", settings.oauth.client_secret_file))
+    for setting, path in secret_files:
+        if path is not None:
+            check_permissions(path, setting, allow_insecure=settings.allow_insecure_permissions)
+
     # Imported here because both modules import this one.
     if settings.oauth is not None:
         from .oauth import ClientCredentials

@@ -29,6 +29,7 @@ class Exchange:
     """One request from arrival to its last response byte, with what the logs and metrics need."""
 
     __slots__ = (
+        "body_complete",
         "bytes_in",
         "bytes_out",
         "client_gone",
@@ -59,6 +60,7 @@ class Exchange:
         self.response_started = False
         self.status = 0
         self.error_code: str | None = None
+        self.body_complete = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
@@ -111,6 +113,7 @@ class RequestBody(httpx.AsyncByteStream):
                     # so the upstream never sees a complete request.
                     raise BodyTooLarge
                 yield body
+        exchange.body_complete = True
         exchange.watch_disconnect()
 
 

@@ -22,7 +22,7 @@ import uuid
 import httpx
 
 from . import errors, metrics
-from .credentials import Credential, CredentialUnavailable
+from .credentials import Credential, CredentialUnavailable, RepeatLimit, repeats_note
 from .exchange import (
     NO_BODY,
     BodyTimeout,
@@ -101,6 +101,7 @@ class Forwarder:
         self.responses = ResponsePolicy(url)
         self.extensions = {"timeout": timeout.as_dict()}
         self.access_log = access_log
+        self._unavailable_warnings = RepeatLimit(60.0, time.monotonic)
         self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,6 +111,7 @@ class Forwarder:
         request_id = _request_id(scope["headers"])
         token = REQUEST_ID.set(request_id)
         exchange = Exchange(receive, scope["method"], raw_path.decode("latin-1"), request_id)
+        exchange.body_complete = not _declares_body(scope["headers"])
         metrics.IN_FLIGHT.inc()
         try:
             await self._handle(scope, raw_path, exchange, send)
@@ -152,7 +154,11 @@ class Forwarder:
         try:
             authorization = await self.credential.authorization()
         except CredentialUnavailable as exc:
-            logger.warning("no credential to send: %s; answering 503", exc)
+            suppressed = self._unavailable_warnings.allow()
+            if suppressed is not None:
+                logger.warning(
+                    "no credential to send: %s; answering 503%s", exc, repeats_note(suppressed)
+                )
             await self._answer(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
             return
 
@@ -161,18 +167,15 @@ class Forwarder:
         if response is None:
             return
 
-        if response.status_code == 401 and await self._may_repeat(scope, framing, authorization):
-            await response.aclose()
-            try:
-                authorization = await self.credential.authorization()
-            except CredentialUnavailable as exc:
-                logger.warning("no credential to send: %s; answering 503", exc)
-                await self._answer(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
-                return
-            request, _ = self._build_request(scope, raw_path, exchange, authorization)
-            response = await self._send(request, exchange, send)
-            if response is None:
-                return
+        if response.status_code == 401:
+            fresh = await self._fresh_authorization(scope, framing, authorization)
+            if fresh is not None:
+                await response.aclose()
+                authorization = fresh
+                request, _ = self._build_request(scope, raw_path, exchange, authorization)
+                response = await self._send(request, exchange, send)
+                if response is None:
+                    return
 
         try:
             await self._relay(scope, response, send, exchange, authorization)
@@ -193,6 +196,7 @@ class Forwarder:
             stream = RequestBody(exchange, self.gate.max_body_size, self.body_timeout)
         else:
             stream = NO_BODY
+            exchange.body_complete = True
             exchange.watch_disconnect()
         request = httpx.Request(
             scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
@@ -217,14 +221,23 @@ class Forwarder:
             metrics.UPSTREAM_UNAUTHORIZED.inc()
         return response
 
-    async def _may_repeat(self, scope: Scope, framing: Framing, authorization: bytes) -> bool:
-        """After a 401: whether to send the request again with a new credential.
+    async def _fresh_authorization(
+        self, scope: Scope, framing: Framing, authorization: bytes
+    ) -> bytes | None:
+        """After a 401: the new credential to send the request again with, if any.
 
         Only requests that are safe to repeat (RFC 9110 section 9.2.1) and had no
-        body qualify; the credential decides whether a new one exists.
+        body qualify, and only when the credential changed. Otherwise, or when
+        no new credential can be had, the client gets the upstream's 401.
         """
-        fresh = await self.credential.rejected(authorization)
-        return fresh and scope["method"] in _SAFE_METHODS and not framing.has_body
+        changed = await self.credential.rejected(authorization)
+        if not changed or scope["method"] not in _SAFE_METHODS or framing.has_body:
+            return None
+        try:
+            return await self.credential.authorization()
+        except CredentialUnavailable as exc:
+            logger.warning("no new credential after an upstream 401: %s", exc)
+            return None
 
     async def _relay(
         self,
@@ -296,7 +309,19 @@ class Forwarder:
         exchange.status = error.status
         exchange.error_code = error.code
         exchange.response_started = True
-        await errors.send_error(send, error, (_REQUEST_ID, exchange.request_id.encode()))
+        extra = [(_REQUEST_ID, exchange.request_id.encode())]
+        if not exchange.body_complete:
+            # The rest of the body would be read as the next request: close instead
+            # (RFC 9112 section 9.6).
+            extra.append((b"connection", b"close"))
+        await errors.send_error(send, error, *extra)
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

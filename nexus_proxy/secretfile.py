@@ -15,6 +15,7 @@ __all__ = ["check_config_file", "check_permissions", "read_secret_file"]
 
 logger = logging.getLogger("nexus_proxy")
 
+
 def is_too_open(status: os.stat_result) -> bool:
     """Whether a secret file is open to more than its owner and, in one case, its group.
 

@@ -83,7 +83,7 @@ def serve(
         settings.upstream,
         settings.environment,
         credential.kind,
-        credential.fingerprint,
+        credential.fingerprint or "pending (token requested at startup)",
         f", {settings.workers} workers" if settings.workers > 1 else "",
     )
 

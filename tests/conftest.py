@@ -23,11 +23,20 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No NEXUS_PROXY_* or proxy variable of the machine leaks into a test."""
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No NEXUS_PROXY_* or proxy variable of the machine leaks into a test.
+
+    Files the test writes get mode 0600, as secret files should; tests of the
+    permission rule set modes themselves.
+    """
     for name in list(os.environ):
         if name.startswith("NEXUS_PROXY_") or name.upper() in PROXY_VARS:
             monkeypatch.delenv(name)
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 class _Server(uvicorn.Server):

@@ -101,6 +101,12 @@ class _SwitchableCredential:
     def fingerprints(self) -> dict[str, str]:
         return {"api_key": self.fingerprint}
 
+    def expiry_days(self) -> int | None:
+        return None
+
+    def reload(self) -> None:
+        pass
+
     async def start(self) -> None:
         pass
 
