@@ -459,6 +459,24 @@ def test_oauth_401_repeat_rules(
 
 
 @pytest.mark.timeout(10)
+def test_oauth_401_without_new_token_relays_401(
+    make_proxy: Callable[..., RunningProxy], upstream: StandInUpstream, identity: StandInIdentity
+) -> None:
+    upstream.reply_with(accepting_upstream(identity))
+    running, _ = start_proxy(make_proxy, upstream, identity.url)
+    identity.revoke()
+    identity.fail_always(ScriptedResponse(503))
+
+    response = httpx.get(running.url + "/customer")
+
+    # The request did reach the upstream: its own 401 tells the client so, where a
+    # 503 with upstreamReached false would invite a blind retry.
+    assert response.status_code == 401
+    assert response.content == UNAUTHORIZED_BODY
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.timeout(10)
 def test_oauth_401_repeated_only_once(
     make_proxy: Callable[..., RunningProxy], upstream: StandInUpstream, identity: StandInIdentity
 ) -> None:
