@@ -52,12 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(effective, indent=2))
         return 0
 
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        check_exposure(settings, tokens)
-    except ConfigError as exc:
-        print(f"nexus-proxy: configuration error:\n  - {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     if settings.workers > 1:
         # prometheus-client picks its multiprocess mode when first imported.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nexus-proxy-"))
@@ -76,6 +70,9 @@ def _load(args: list[str]) -> tuple[Settings, Credential, AccessTokens]:
         raise ConfigError(_explain(exc)) from None
     except (SettingsError, ValueError, argparse.ArgumentError) as exc:
         raise ConfigError(f"  - {exc}") from None
+    # From here on, warnings (a loose file mode that is allowed, an exposed
+    # listen address that is allowed) go out in the configured format.
+    configure_logging(settings.log_level, settings.log_format)
 
     problems = []
     credential = tokens = None
@@ -89,6 +86,7 @@ def _load(args: list[str]) -> tuple[Settings, Credential, AccessTokens]:
         problems.append(str(exc))
     try:
         tokens = load_access_tokens(settings)
+        check_exposure(settings, tokens)
     except ConfigError as exc:
         problems.append(str(exc))
     if problems or credential is None or tokens is None:

@@ -28,6 +28,7 @@ __all__ = [
     "FORBIDDEN",
     "HEADERS_TOO_LARGE",
     "HEADER_TIMEOUT",
+    "MALFORMED_REQUEST",
     "UNAUTHORIZED",
     "UPSTREAM_BUSY",
     "UPSTREAM_PROTOCOL_ERROR",
@@ -148,6 +149,12 @@ CLIENT_TIMEOUT = ProxyError(
     "The request was not received within the proxy's client timeouts; "
     "the upstream request, if any, was aborted before its end.",
     upstream_reached=True,
+)
+MALFORMED_REQUEST = ProxyError(
+    400,
+    "ProxyBadRequest",
+    "The request is not valid HTTP/1.1 (request line, header syntax or body framing).",
+    upstream_reached=False,
 )
 HEADER_TIMEOUT = ProxyError(
     408,

@@ -296,10 +296,12 @@ class Forwarder:
             if isinstance(exc, kind):
                 error = mapped
                 break
+        # A protocol error quotes the upstream's bytes, which may echo the key.
+        detail = "" if isinstance(exc, httpx.ProtocolError) else f" ({exc})"
         logger.warning(
-            "upstream request failed: %s (%s); answering %d %s",
+            "upstream request failed: %s%s; answering %d %s",
             exc.__class__.__name__,
-            exc,
+            detail,
             error.status,
             error.code,
         )

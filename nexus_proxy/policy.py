@@ -85,7 +85,9 @@ def canonical_path(raw_path: bytes) -> str | None:
         decoded = unquote(raw_path.decode("ascii"), encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
         return None
-    if _DOT_SEGMENT.search(decoded.encode()):
+    # A "%" left after one decoding came from an escape spelled so as to decode
+    # twice ("%%32%66" -> "%2f"); a dot segment means a different path upstream.
+    if "%" in decoded or _DOT_SEGMENT.search(decoded.encode()):
         return None
     return _normalise(decoded)
 

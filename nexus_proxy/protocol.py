@@ -83,11 +83,32 @@ class OriginFormHttpTools(HttpToolsProtocol):
             self.scope["raw_path"] = target
 
     def send_400_response(self, msg: str) -> None:
-        if not self.head_too_large:
-            super().send_400_response(msg)
-            return
-        logger.warning("refused a request whose head exceeds max_header_size or 100 fields")
-        self.transport.write(errors.raw_response(errors.HEADERS_TOO_LARGE))
+        if self.head_too_large:
+            logger.warning("rejected a request whose head exceeds max_header_size or 100 fields")
+            error = errors.HEADERS_TOO_LARGE
+        else:
+            logger.warning("rejected a request that is not valid HTTP/1.1")
+            error = errors.MALFORMED_REQUEST
+        self._close_with(error)
+
+    def _close_with(self, error: errors.ProxyError) -> None:
+        """Answer `error` and close, but never ahead of an earlier request's response."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not cycle.more_body:
+                # The error belongs to a pipelined request behind one still in flight:
+                # writing now would hand it to the client as that request's answer.
+                # Close once that request is answered.
+                cycle.keep_alive = False
+                self.flow.pause_reading()
+                return
+            if cycle.response_started:
+                # The current request's body broke after its response began.
+                self.transport.close()
+                return
+        # The current request's body broke before its response began, or no
+        # request is in flight: the error is the answer. Closing tells the app.
+        self.transport.write(errors.raw_response(error))
         self.transport.close()
 
     def _count(self, size: int, fields: int) -> None:
@@ -114,10 +135,13 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self.head_timer = None
         if self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # The clock runs for the next head only once the current request is answered.
+            self._start_head_timer()
+            return
         logger.warning(
             "closed a connection from %s: no complete request head within %s s",
             self.client,
             self.limits.header_timeout,
         )
-        self.transport.write(errors.raw_response(errors.HEADER_TIMEOUT))
-        self.transport.close()
+        self._close_with(errors.HEADER_TIMEOUT)
