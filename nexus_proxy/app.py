@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
+import certifi
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +23,7 @@ from .gate import Gate
 from .policy import RequestRules
 from .protocol import LIMITS_STATE_KEY, ClientLimits
 from .settings import Settings
+from .transport import UpstreamTransport
 from .types import Receive, Scope, Send
 
 __all__ = ["NexusProxy", "build_transport"]
@@ -42,23 +44,15 @@ def egress_proxy(settings: Settings) -> str | None:
     return urllib.request.getproxies_environment().get(upstream.scheme)
 
 
-def build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
-    """The upstream connection pool: HTTP/1.1, no retries, TLS verified."""
-    if settings.ca_bundle is not None:
-        verify = ssl.create_default_context(cafile=str(settings.ca_bundle))
-    else:
-        verify = ssl.create_default_context(cafile=_certifi_where())
-    limits = httpx.Limits(
+def build_transport(settings: Settings) -> UpstreamTransport:
+    """The upstream connection pool: HTTP/1.1, TLS verified, nothing repeated once sent."""
+    cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else certifi.where()
+    return UpstreamTransport(
+        ssl_context=ssl.create_default_context(cafile=cafile),
         max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
+        timeout=timeout(settings),
+        proxy=egress_proxy(settings),
     )
-    return httpx.AsyncHTTPTransport(verify=verify, limits=limits, proxy=egress_proxy(settings))
-
-
-def _certifi_where() -> str:
-    import certifi
-
-    return certifi.where()
 
 
 def timeout(settings: Settings) -> httpx.Timeout:

@@ -30,6 +30,7 @@ class Exchange:
 
     __slots__ = (
         "body_complete",
+        "body_error",
         "bytes_in",
         "bytes_out",
         "client_gone",
@@ -61,6 +62,9 @@ class Exchange:
         self.status = 0
         self.error_code: str | None = None
         self.body_complete = False
+        # Why reading the client's body stopped; the transport may report it as
+        # its own failure, so the forwarder checks this first.
+        self.body_error: Exception | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
@@ -100,10 +104,12 @@ class RequestBody(httpx.AsyncByteStream):
                 async with asyncio.timeout(self.timeout):
                     message = await exchange.receive()
             except TimeoutError:
-                raise BodyTimeout from None
+                exchange.body_error = BodyTimeout()
+                raise exchange.body_error from None
             if message["type"] == "http.disconnect":
                 exchange.client_gone = True
-                raise ClientDisconnect
+                exchange.body_error = ClientDisconnect()
+                raise exchange.body_error
             more_body = message.get("more_body", False)
             body = message.get("body", b"")
             if body:
@@ -111,7 +117,8 @@ class RequestBody(httpx.AsyncByteStream):
                 if self.max_size and exchange.bytes_in > self.max_size:
                     # Raising here makes the transport drop the connection mid-body,
                     # so the upstream never sees a complete request.
-                    raise BodyTooLarge
+                    exchange.body_error = BodyTooLarge()
+                    raise exchange.body_error
                 yield body
         exchange.body_complete = True
         exchange.watch_disconnect()

@@ -212,6 +212,8 @@ class Forwarder:
         try:
             response = await self.transport.handle_async_request(request)
         except httpx.TransportError as exc:
+            if exchange.body_error is not None:
+                raise exchange.body_error from exc
             if exchange.client_gone:
                 raise ClientDisconnect from exc
             await self._fail(send, exchange, exc)
