@@ -10,7 +10,19 @@ import httpx
 
 from .types import Receive
 
-__all__ = ["NO_BODY", "BodyTimeout", "BodyTooLarge", "ClientDisconnect", "Exchange", "RequestBody"]
+__all__ = [
+    "EXCHANGE_SCOPE_KEY",
+    "NO_BODY",
+    "BodyTimeout",
+    "BodyTooLarge",
+    "ClientDisconnect",
+    "Exchange",
+    "RequestBody",
+]
+
+
+# Where the forwarder leaves the exchange in the ASGI scope for the server's protocol.
+EXCHANGE_SCOPE_KEY = "nexus_proxy.exchange"
 
 
 class ClientDisconnect(Exception):
@@ -45,7 +57,6 @@ class Exchange:
         "status",
         "task",
         "upstream_seconds",
-        "watcher",
     )
 
     def __init__(self, receive: Receive, method: str, path: str, request_id: str) -> None:
@@ -55,7 +66,6 @@ class Exchange:
         self.request_id = request_id
         self.started = time.perf_counter()
         self.task = asyncio.current_task()
-        self.watcher: asyncio.Task[None] | None = None
         self.finished = False
         self.client_gone = False
         self.response_started = False
@@ -69,23 +79,15 @@ class Exchange:
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
 
-    def watch_disconnect(self) -> None:
-        """Cancel the exchange when the client disconnects; starts once the body is read."""
-        self.watcher = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        # A request without a body still delivers one empty http.request message.
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
+    def client_lost(self) -> None:
+        """Cancel the exchange: the server saw the client's connection close."""
+        self.client_gone = True
         if not self.finished and self.task is not None:
-            self.client_gone = True
             self.task.cancel()
 
     def finish(self) -> None:
-        """Stop watching; called as soon as the last response byte was handed to the server."""
+        """Mark the response complete; a later disconnect no longer cancels anything."""
         self.finished = True
-        if self.watcher is not None:
-            self.watcher.cancel()
 
 
 class RequestBody(httpx.AsyncByteStream):
@@ -121,7 +123,6 @@ class RequestBody(httpx.AsyncByteStream):
                     raise exchange.body_error
                 yield body
         exchange.body_complete = True
-        exchange.watch_disconnect()
 
 
 class _NoBody(httpx.AsyncByteStream):

@@ -24,6 +24,7 @@ import httpx
 from . import errors, metrics
 from .credentials import Credential, CredentialUnavailable, RepeatLimit, repeats_note
 from .exchange import (
+    EXCHANGE_SCOPE_KEY,
     NO_BODY,
     BodyTimeout,
     BodyTooLarge,
@@ -112,6 +113,8 @@ class Forwarder:
         token = REQUEST_ID.set(request_id)
         exchange = Exchange(receive, scope["method"], raw_path.decode("latin-1"), request_id)
         exchange.body_complete = not _declares_body(scope["headers"])
+        # The server's protocol calls exchange.client_lost() when the client goes away.
+        scope[EXCHANGE_SCOPE_KEY] = exchange
         metrics.IN_FLIGHT.inc()
         try:
             await self._handle(scope, raw_path, exchange, send)
@@ -197,7 +200,6 @@ class Forwarder:
         else:
             stream = NO_BODY
             exchange.body_complete = True
-            exchange.watch_disconnect()
         request = httpx.Request(
             scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
         )

@@ -17,6 +17,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import errors
+from .exchange import EXCHANGE_SCOPE_KEY, Exchange
 
 __all__ = ["LIMITS_STATE_KEY", "ClientLimits", "OriginFormHttpTools"]
 
@@ -56,6 +57,13 @@ class OriginFormHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The request in flight stops at once: its upstream exchange is
+            # cancelled and the pooled connection released.
+            exchange: Exchange | None = cycle.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[assignment]
+            if exchange is not None:
+                exchange.client_lost()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:

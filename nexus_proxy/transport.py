@@ -285,4 +285,3 @@ def _url(url: httpx.URL) -> yarl.URL:
 
 def _seconds(value: float | None) -> float:
     return 0.0 if value is None else value
-
