@@ -1,0 +1,1 @@
+"""Building blocks of benchmarks/run.py: servers, wrk, transfers and the report."""
