@@ -32,7 +32,7 @@ class AccessTokens:
         return f"AccessTokens(count={len(self._expected)})"
 
     def refusal(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-        """Why the request's credential is not accepted, or None when it is.
+        """Return why the request's credential is rejected, or None when it is accepted.
 
         The reasons (`missing`, `malformed`, `not recognised`) never contain the value.
         """
@@ -50,7 +50,7 @@ class AccessTokens:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether a listen address accepts connections from this machine only."""
+    """Check whether a listen address accepts connections from this machine only."""
     if host == "localhost":
         return True
     try:
@@ -60,7 +60,7 @@ def is_loopback(host: str) -> bool:
 
 
 def load_access_tokens(settings: Settings) -> AccessTokens:
-    """The tokens from `access_tokens` and `access_token_file`; raises `ConfigError`."""
+    """Load the tokens from `access_tokens` and `access_token_file`, or raise `ConfigError`."""
     tokens = [token for token in settings.access_tokens if token.get_secret_value().strip()]
     if settings.access_token_file is not None:
         text = read_secret_file(

@@ -27,7 +27,7 @@ class AdminRoutes:
         self.gate = gate
 
     def routes(self) -> list[Route]:
-        """The Starlette routes."""
+        """Return the Starlette routes."""
         return [
             Route("/_proxy/health", self.health, methods=["GET", "HEAD"]),
             Route("/_proxy/ready", self.ready, methods=["GET", "HEAD"]),

@@ -35,7 +35,7 @@ ADMIN_PREFIX = "/_proxy/"
 
 
 def egress_proxy(settings: Settings) -> str | None:
-    """The outbound proxy URL for the upstream, or None to connect directly."""
+    """Return the outbound proxy URL for the upstream, or None to connect directly."""
     if settings.egress_proxy is not None:
         return settings.egress_proxy or None
     upstream = httpx.URL(settings.upstream)
@@ -45,7 +45,7 @@ def egress_proxy(settings: Settings) -> str | None:
 
 
 def build_transport(settings: Settings) -> UpstreamTransport:
-    """The upstream connection pool: HTTP/1.1, TLS verified, nothing repeated once sent."""
+    """Build the upstream connection pool: HTTP/1.1, TLS verified, nothing repeated once sent."""
     cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else certifi.where()
     return UpstreamTransport(
         ssl_context=ssl.create_default_context(cafile=cafile),
@@ -56,7 +56,7 @@ def build_transport(settings: Settings) -> UpstreamTransport:
 
 
 def timeout(settings: Settings) -> httpx.Timeout:
-    """The upstream timeouts from the settings."""
+    """Return the upstream timeouts from the settings."""
     return httpx.Timeout(
         connect=settings.connect_timeout,
         read=settings.read_timeout,

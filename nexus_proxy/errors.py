@@ -55,7 +55,7 @@ class ProxyError:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
-        """The error as a Nexus envelope."""
+        """Return the error as a Nexus envelope."""
         envelope = {
             "message": self.message,
             "errors": [self.code],
@@ -180,7 +180,7 @@ BAD_REQUEST = ProxyError(
 
 
 def raw_response(error: ProxyError) -> bytes:
-    """The error as a complete HTTP/1.1 response that closes the connection."""
+    """Return the error as a complete HTTP/1.1 response that closes the connection."""
     body = error.body()
     head = (
         f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"

@@ -209,7 +209,7 @@ class Forwarder:
     async def _send(
         self, request: httpx.Request, exchange: Exchange, send: Send
     ) -> httpx.Response | None:
-        """The upstream's response, or None after answering the client with an error."""
+        """Return the upstream's response, or None after sending the client an error."""
         started = time.perf_counter()
         try:
             response = await self.transport.handle_async_request(request)
@@ -338,12 +338,12 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def _secret_of(authorization: bytes) -> bytes:
-    """The credential inside an `Authorization: Bearer <credential>` value."""
+    """Return the credential inside an `Authorization: Bearer <credential>` value."""
     return authorization.partition(b" ")[2]
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's X-Request-ID when it is printable ASCII of sane length, else a new one."""
+    """Return the client's X-Request-ID if it is printable ASCII of at most 128 bytes, else a new one."""
     for name, value in headers:
         if name == _REQUEST_ID:
             if 0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in value):

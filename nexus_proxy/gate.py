@@ -28,7 +28,7 @@ class Gate:
         self.max_body_size = max_body_size
 
     def authenticate(self, scope: Scope) -> errors.ProxyError | None:
-        """The 401 to answer when access tokens are configured and none matches."""
+        """Return the 401 error when access tokens are configured and none matches."""
         if not self.tokens:
             return None
         reason = self.tokens.refusal(scope["headers"])
@@ -43,7 +43,7 @@ class Gate:
         return errors.UNAUTHORIZED
 
     def refusal(self, scope: Scope, raw_path: bytes) -> errors.ProxyError | None:
-        """The error to answer instead of forwarding, or None to forward."""
+        """Return the error to send instead of forwarding, or None to forward."""
         refused = self.authenticate(scope)
         if refused is not None:
             return refused
@@ -66,7 +66,7 @@ class Gate:
 
 
 def _framing_problem(headers: Headers) -> str | None:
-    """How the body's framing could be read two ways (RFC 9112 section 6.3), if it can."""
+    """Describe how the body's framing could be read two ways (RFC 9112 section 6.3), if it can."""
     lengths = [value for name, value in headers if name == b"content-length"]
     encodings = [value for name, value in headers if name == b"transfer-encoding"]
     if lengths and encodings:

@@ -53,7 +53,7 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
 
 @dataclass(frozen=True)
 class Framing:
-    """How the client framed its request body."""
+    """The framing of the client's request body."""
 
     content_length: bytes | None
     chunked: bool
@@ -76,7 +76,7 @@ class RequestPolicy:
         self.dropped = HOP_BY_HOP | _REPLACED | ({ISO8601} if iso8601 else frozenset())
 
     def apply(self, headers: Headers, authorization: bytes) -> tuple[Headers, Framing]:
-        """The upstream headers, with `authorization` set last, and the body framing."""
+        """Return the upstream headers, with `authorization` set last, and the body framing."""
         dropped = self.dropped
         if any(name == b"connection" for name, _ in headers):
             dropped = dropped | connection_tokens(headers)
@@ -121,7 +121,7 @@ class ResponsePolicy:
         self.location_prefixes = [prefix.encode().lower() + base for prefix in origins]
 
     def apply(self, headers: Iterable[tuple[bytes, bytes]], secret: bytes = b"") -> Headers:
-        """The headers to send to the client, any value holding `secret` replaced."""
+        """Return the headers to send to the client, any value that contains `secret` replaced."""
         headers = list(headers)
         dropped = _RESPONSE_DROPPED
         if any(name.lower() == b"connection" for name, _ in headers):

@@ -77,12 +77,12 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def method_label(method: str) -> str:
-    """The method as a label value; any other method counts as OTHER, to bound the series."""
+    """Return the method as a label value; any other method counts as OTHER, to bound the series."""
     return method if method in _METHODS else "OTHER"
 
 
 def exposition() -> bytes:
-    """The metrics in the Prometheus text format, summed over workers when there are several."""
+    """Render the metrics in the Prometheus text format, summed over workers when there are several."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -54,7 +54,7 @@ class RequestRules:
         return not (self.read_only or self.allow_methods is not None or self.has_path_rules)
 
     def check(self, method: str, raw_path: bytes) -> PolicyRefusal | None:
-        """The reason to refuse this request, or None to forward it."""
+        """Return the reason to reject this request, or None to forward it."""
         # Methods are case-sensitive (RFC 9110 section 9.1): "get" is not GET.
         if self.read_only and method not in READ_ONLY_METHODS:
             return PolicyRefusal(True, f"read_only (method {method})")
@@ -75,7 +75,7 @@ class RequestRules:
 
 
 def canonical_path(raw_path: bytes) -> str | None:
-    """The path as Nexus reads it (decoded, lower case, single slashes, no trailing slash).
+    """Return the path as Nexus reads it (decoded, lower case, single slashes, no trailing slash).
 
     Returns None for a path whose reading upstream is ambiguous.
     """

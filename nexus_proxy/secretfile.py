@@ -17,7 +17,7 @@ logger = logging.getLogger("nexus_proxy")
 
 
 def is_too_open(status: os.stat_result) -> bool:
-    """Whether a secret file is open to more than its owner and, in one case, its group.
+    """Check whether a secret file is open to more than its owner and, in one case, its group.
 
     OpenSSH's rule for private keys applies to a file the proxy's own user owns:
     no access for group or others. A file owned by another user (root, as
@@ -53,7 +53,7 @@ def check_permissions(path: Path, setting: str, *, allow_insecure: bool) -> None
 
 
 def read_secret_file(path: Path, setting: str, *, allow_insecure: bool = False) -> str:
-    """The file's text with surrounding whitespace and the trailing newline stripped."""
+    """Read the file's text with surrounding whitespace and the trailing newline stripped."""
     check_permissions(path, setting, allow_insecure=allow_insecure)
     try:
         return path.read_text(encoding="utf-8").strip()

@@ -28,7 +28,7 @@ _WORKER_ARGV = "NEXUS_PROXY_WORKER_ARGV"
 
 
 def uvicorn_config(app: ASGIApp | str, settings: Settings) -> uvicorn.Config:
-    """The uvicorn settings the proxy relies on."""
+    """Build the uvicorn settings the proxy relies on."""
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -106,7 +106,7 @@ def serve(
 
 
 def worker_app() -> NexusProxy:
-    """The app of one worker process, built from the parent's flags and environment."""
+    """Build the app of one worker process from the parent's flags and environment."""
     argv = json.loads(os.environ[_WORKER_ARGV])
     settings = Settings.load(argv)
     configure_logging(settings.log_level, settings.log_format)
@@ -114,7 +114,7 @@ def worker_app() -> NexusProxy:
 
 
 def _bind(settings: Settings) -> socket.socket:
-    """The listen socket: TCP, or a Unix socket only its owner may connect to."""
+    """Bind the listen socket: TCP, or a Unix socket only its owner may connect to."""
     if settings.unix_socket is None:
         config = uvicorn.Config(
             None,  # type: ignore[arg-type]

@@ -272,7 +272,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser that the flags of `Options` are added to."""
+    """Build the argument parser that the flags of `Options` are added to."""
     return _Parser(
         prog="nexus-proxy",
         usage="nexus-proxy [check] [options]",
@@ -288,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def describe(settings: Settings, fingerprints: Mapping[str, str]) -> dict[str, Any]:
-    """The effective settings as plain data, each secret replaced by its fingerprint."""
+    """Return the effective settings as plain data, each secret replaced by its fingerprint."""
     data = settings.model_dump(mode="json", exclude={"api_key", "access_tokens", "oauth"})
     if settings.oauth is not None:
         data["oauth"] = settings.oauth.model_dump(mode="json", exclude={"client_secret"})

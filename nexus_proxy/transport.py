@@ -155,7 +155,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             )
 
     def _httpx_error(self, exc: BaseException, *, writing: bool = False) -> BaseException:
-        """The httpx exception for an aiohttp failure, or `exc` when it is not one."""
+        """Return the httpx exception for an aiohttp failure, or `exc` when it is not one."""
         message = exc.__class__.__name__
         if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
             return httpx.ProxyError(message)
@@ -198,7 +198,7 @@ async def _timed_body(
     attempt: _Attempt,
     timeout: httpx.Timeout,
 ) -> AsyncIterator[bytes]:
-    """The request body, moving `deadline` so each phase has its own timeout.
+    """Yield the request body, moving `deadline` so each phase has its own timeout.
 
     While the client's next piece is awaited there is no upstream deadline (the
     client's own timeout applies); while aiohttp writes a piece, `write` applies;
@@ -252,7 +252,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
 
 def _aiohttp_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], bool]:
-    """The headers for aiohttp, and whether a body follows.
+    """Return the headers for aiohttp, and whether a body follows.
 
     Transfer-Encoding is left out: aiohttp frames a body without Content-Length
     as chunked itself.
@@ -271,7 +271,7 @@ def _aiohttp_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], 
 
 
 def _url(url: httpx.URL) -> yarl.URL:
-    """The aiohttp URL with the exact request target of `url`."""
+    """Return the aiohttp URL with the exact request target of `url`."""
     path, _, query = url.raw_path.partition(b"?")
     return yarl.URL.build(
         scheme=url.scheme,
