@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(args: list[str]) -> tuple[Settings, Credential, AccessTokens]:
-    """Load the settings, credential and access tokens, or raise `ConfigError` listing every problem."""
+    """Load the settings, credential and tokens, or raise `ConfigError` listing every problem."""
     _check_flags(args)
     try:
         settings = Settings.load(args)

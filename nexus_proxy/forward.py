@@ -343,7 +343,7 @@ def _secret_of(authorization: bytes) -> bytes:
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """Return the client's X-Request-ID if it is printable ASCII of at most 128 bytes, else a new one."""
+    """Return the client's X-Request-ID if printable ASCII of at most 128 bytes, else a new one."""
     for name, value in headers:
         if name == _REQUEST_ID:
             if 0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in value):
