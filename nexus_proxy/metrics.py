@@ -82,7 +82,7 @@ def method_label(method: str) -> str:
 
 
 def exposition() -> bytes:
-    """Render the metrics in the Prometheus text format, summed over workers if there are several."""
+    """Render the metrics in the Prometheus text format, summed over all workers."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
