@@ -68,15 +68,21 @@ def load_access_tokens(settings: Settings) -> AccessTokens:
             "access_token_file",
             allow_insecure=settings.allow_insecure_permissions,
         )
-        # One token per line; blank lines are skipped, so an empty token never matches.
-        tokens += [SecretStr(line.strip()) for line in text.splitlines() if line.strip()]
+        # One token per line; blank lines and "#" comments are skipped, so an empty
+        # token never matches.
+        tokens += [
+            SecretStr(line.strip())
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
 
     for token in tokens:
         value = token.get_secret_value()
         if value != value.strip() or not all(0x21 <= ord(char) <= 0x7E for char in value):
             raise ConfigError(
-                "access_tokens: a token holds spaces, control or non-ASCII characters, "
-                "which cannot be sent in an Authorization header; use visible ASCII only"
+                "access_tokens or access_token_file: a token contains spaces, control or "
+                "non-ASCII characters, which cannot be sent in an Authorization header; "
+                "use visible ASCII only, one token per line"
             )
     return AccessTokens(tokens)
 

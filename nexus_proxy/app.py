@@ -103,6 +103,8 @@ class NexusProxy:
             exception_handlers={404: _not_found, 405: _not_found},
             lifespan=self._lifespan,
         )
+        # A slash redirect would build its Location from the client's Host header.
+        self.admin.router.redirect_slashes = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope["path"].startswith(ADMIN_PREFIX):

@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .server import serve
 
-    return 0 if serve(settings, credential, tokens, args) else 1
+    try:
+        return 0 if serve(settings, credential, tokens, args) else 1
+    except ConfigError as exc:
+        print(f"nexus-proxy: configuration error:\n  - {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _load(args: list[str]) -> tuple[Settings, Credential, AccessTokens]:

@@ -29,6 +29,8 @@ __all__ = [
     "HEADERS_TOO_LARGE",
     "HEADER_TIMEOUT",
     "MALFORMED_REQUEST",
+    "SHUTDOWN",
+    "SHUTDOWN_SENT",
     "UNAUTHORIZED",
     "UPSTREAM_BUSY",
     "UPSTREAM_PROTOCOL_ERROR",
@@ -169,6 +171,22 @@ HEADERS_TOO_LARGE = ProxyError(
     "The request line and headers are larger than the proxy's max_header_size, "
     "or there are more than 100 header fields.",
     upstream_reached=False,
+)
+SHUTDOWN = ProxyError(
+    503,
+    "ProxyShuttingDown",
+    "The proxy is shutting down and stopped this request before sending it; "
+    "nothing was sent, so it can be retried.",
+    upstream_reached=False,
+    headers=((b"connection", b"close"),),
+)
+SHUTDOWN_SENT = ProxyError(
+    503,
+    "ProxyShuttingDown",
+    "The proxy is shutting down and stopped this request after shutdown_timeout. "
+    "It was sent and may have been processed; check its outcome before repeating it.",
+    upstream_reached=True,
+    headers=((b"connection", b"close"),),
 )
 BAD_REQUEST = ProxyError(
     400,

@@ -57,6 +57,7 @@ class Exchange:
         "status",
         "task",
         "upstream_seconds",
+        "upstream_started",
     )
 
     def __init__(self, receive: Receive, method: str, path: str, request_id: str) -> None:
@@ -78,6 +79,7 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
+        self.upstream_started = False
 
     def client_lost(self) -> None:
         """Cancel the exchange: the server saw the client's connection close."""

@@ -137,11 +137,19 @@ class Forwarder:
         try:
             await self._forward(scope, raw_path, exchange, send)
         except asyncio.CancelledError:
-            if not exchange.client_gone:
+            if exchange.task is None:
                 raise
-            if exchange.task is not None:
+            if exchange.client_gone:
                 exchange.task.uncancel()
-            logger.info("client disconnected before the response was complete")
+                logger.info("client disconnected before the response was complete")
+                return
+            # The server cancels what is still running when shutdown_timeout ends.
+            # The client learns whether the request may have reached Nexus.
+            exchange.task.uncancel()
+            logger.warning("request cancelled at shutdown before its response was complete")
+            if not exchange.response_started:
+                shutdown = errors.SHUTDOWN_SENT if exchange.upstream_started else errors.SHUTDOWN
+                await self._answer(send, exchange, shutdown)
         except ClientDisconnect:
             logger.info("client disconnected while sending the request body")
         except BodyTooLarge:
@@ -211,6 +219,7 @@ class Forwarder:
     ) -> httpx.Response | None:
         """Return the upstream's response, or None after sending the client an error."""
         started = time.perf_counter()
+        exchange.upstream_started = True
         try:
             response = await self.transport.handle_async_request(request)
         except httpx.TransportError as exc:
@@ -221,6 +230,12 @@ class Forwarder:
             await self._fail(send, exchange, exc)
             return None
         exchange.upstream_seconds = time.perf_counter() - started
+        if response.status_code < 200:
+            # An interim status as the final answer (such as an unrequested 101
+            # Switching Protocols) breaks HTTP/1.1; the Upgrade header never went up.
+            await response.aclose()
+            await self._fail(send, exchange, httpx.RemoteProtocolError("interim final status"))
+            return None
         if response.status_code == 401:
             metrics.UPSTREAM_UNAUTHORIZED.inc()
         return response
@@ -290,7 +305,7 @@ class Forwarder:
                 exc.__class__.__name__,
             )
             return
-        if exchange.bytes_out != length:
+        if exchange.bytes_out != length or length == 0:
             exchange.finish()
             await send({"type": "http.response.body", "body": b""})
 
@@ -316,7 +331,7 @@ class Forwarder:
         exchange.error_code = error.code
         exchange.response_started = True
         extra = [(_REQUEST_ID, exchange.request_id.encode())]
-        if not exchange.body_complete:
+        if not exchange.body_complete and not any(n == b"connection" for n, _ in error.headers):
             # The rest of the body would be read as the next request: close instead
             # (RFC 9112 section 9.6).
             extra.append((b"connection", b"close"))

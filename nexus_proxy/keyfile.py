@@ -30,6 +30,7 @@ from .credentials import (
     repeats_note,
     warn_unauthorized,
 )
+from .secretfile import is_too_open
 from .settings import Settings
 
 __all__ = ["EXPIRY_WARNING_DAYS", "ApiKey", "KeyExpiry", "SecretFile", "utc_today"]
@@ -104,8 +105,10 @@ class SecretFile:
         *,
         clock: Callable[[], float] = time.monotonic,
         check: Callable[[str], str | None] = lambda secret: None,
+        allow_insecure: bool = False,
     ) -> None:
         self.path = path
+        self.allow_insecure = allow_insecure
         self.setting = setting
         self.value = value
         self.fingerprint = fingerprint(value)
@@ -119,9 +122,16 @@ class SecretFile:
     def read(self) -> bool:
         """Re-read the file; returns True when it contains a new, valid value."""
         try:
+            loose = not self.allow_insecure and is_too_open(self.path.stat())
             secret = read_secret(self.path)
         except (OSError, ValueError) as exc:
             return self._keep(f"cannot be read: {describe_read_error(exc)}")
+        if loose:
+            # The rule checked at startup holds for every later version of the file.
+            return self._keep(
+                f"is open to group or others; run 'chmod 600 {self.path}' "
+                "(allow_insecure_permissions accepts it)"
+            )
         problem = self._check(secret) if secret else "is empty"
         if problem is not None:
             return self._keep(problem)
@@ -181,13 +191,21 @@ class ApiKey:
         clock: Callable[[], float] = time.monotonic,
         today: Callable[[], date] = utc_today,
         check_interval: float = _CHECK_INTERVAL,
+        allow_insecure: bool = False,
     ) -> None:
         self.reloads = 0
         self.refreshes = 0
         self.unauthorized = 0
         self._file = None
         if path is not None:
-            self._file = SecretFile(path, "api_key_file", key, clock=clock, check=_header_problem)
+            self._file = SecretFile(
+                path,
+                "api_key_file",
+                key,
+                clock=clock,
+                check=_header_problem,
+                allow_insecure=allow_insecure,
+            )
         self._clock = clock
         self._check_interval = check_interval
         self._next_check = clock() + check_interval
@@ -213,6 +231,7 @@ class ApiKey:
             load_api_key(settings),
             path=settings.api_key_file,
             expires=settings.api_key_expires,
+            allow_insecure=settings.allow_insecure_permissions,
             clock=clock,
             today=today,
         )

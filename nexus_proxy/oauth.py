@@ -163,7 +163,13 @@ class ClientCredentials:
         if oauth.client_secret_file is not None:
             setting = "oauth.client_secret_file"
             value = load_secret_file(oauth.client_secret_file, setting)
-            secret = SecretFile(oauth.client_secret_file, setting, value, clock=clock)
+            secret = SecretFile(
+                oauth.client_secret_file,
+                setting,
+                value,
+                clock=clock,
+                allow_insecure=settings.allow_insecure_permissions,
+            )
         else:
             assert oauth.client_secret is not None
             secret = SecretStr(oauth.client_secret.get_secret_value().strip())

@@ -15,6 +15,7 @@ from uvicorn.supervisors import Multiprocess
 from .access import AccessTokens
 from .app import NexusProxy
 from .credentials import Credential, build_credential
+from .errors import ConfigError
 from .logs import configure_logging
 from .protocol import OriginFormHttpTools
 from .settings import Settings
@@ -78,10 +79,10 @@ def serve(
     # backlog until the server (or the first worker) accepts them.
     sock.listen(config.backlog)
     logger.info(
-        "nexus-proxy listening on %s, forwarding to %s (environment %s), %s fingerprint %s%s",
+        "nexus-proxy listening on %s, forwarding to %s (%s), %s fingerprint %s%s",
         _address(sock),
         settings.upstream,
-        settings.environment,
+        "upstream_url" if settings.upstream_url else f"environment {settings.environment}",
         credential.kind,
         credential.fingerprint or "pending (token requested at startup)",
         f", {settings.workers} workers" if settings.workers > 1 else "",
@@ -122,7 +123,13 @@ def _bind(settings: Settings) -> socket.socket:
             port=settings.port,
             log_config=None,
         )
-        return config.bind_socket()
+        try:
+            return config.bind_socket()
+        except SystemExit:  # uvicorn has logged the OS error
+            raise ConfigError(
+                f"host, port: cannot listen on {settings.host}:{settings.port}; choose a free "
+                "port (0 picks one) and an address of this machine"
+            ) from None
 
     path = settings.unix_socket
     if path.is_socket():
@@ -132,6 +139,12 @@ def _bind(settings: Settings) -> socket.socket:
     previous = os.umask(0o177)
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"unix_socket: cannot listen on {path}: {exc.strerror}; give a path in an "
+            "existing directory where no other file has that name"
+        ) from None
     finally:
         os.umask(previous)
     return sock

@@ -110,7 +110,7 @@ class Options(BaseSettings):
     pool_timeout: Seconds = Field(5.0, description="Seconds to wait for a free connection")
     max_connections: int = Field(100, ge=1, description="Upstream connection pool size")
     ca_bundle: Path | None = Field(
-        None, description="CA file for the upstream's certificate (default: certifi)"
+        None, description="CA file for the upstream's certificate; unset means certifi's"
     )
     egress_proxy: str | None = Field(
         None, description='Outbound HTTP proxy (default: HTTPS_PROXY/NO_PROXY; "" for none)'
@@ -167,6 +167,17 @@ class Options(BaseSettings):
     @classmethod
     def _check_http_url(cls, value: str | None) -> str | None:
         return _http_url(value)
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _check_methods(cls, value: list[str] | None) -> list[str] | None:
+        # Methods are case-sensitive (RFC 9110 section 9.1), so "get" would match nothing.
+        for method in value or ():
+            if method != method.upper():
+                raise ValueError(
+                    f"{method!r} is not an upper-case method name; write {method.upper()!r}"
+                )
+        return value
 
     @field_validator("config", "api_key_file", "ca_bundle", "access_token_file")
     @classmethod

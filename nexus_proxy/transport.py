@@ -14,7 +14,8 @@ and this module keeps the contract on top of aiohttp:
   connection that the upstream had closed meanwhile (RFC 9112 section 9.3.1).
 - Errors map to the httpx exception that says whether anything was sent:
   ConnectError, ConnectTimeout, PoolTimeout and ProxyError mean nothing was.
-- Timeouts: `connect` for a new connection, `pool` for a free one, `write` for
+- Timeouts: `connect` for a new connection, `pool` for a free one (at most
+  `max_connections` requests are in flight), `write` for
   each piece of the body the upstream is slow to take, `read` for the response
   head once the body is sent, and for each later read of the response body.
 """
@@ -56,7 +57,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self.timeout = timeout
         self.proxy = proxy
-        self.in_flight = 0
+        self._slots = asyncio.Semaphore(max_connections)
         self._session: aiohttp.ClientSession | None = None
         self._tracing = aiohttp.TraceConfig()
         self._tracing.on_connection_reuseconn.append(_note_reuse)
@@ -73,10 +74,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             auto_decompress=False,
             trust_env=False,
             trace_configs=[self._tracing],
+            # The wait for a free connection is bounded by `_slots` before aiohttp
+            # is asked, so aiohttp's connect timeout covers connecting only.
             timeout=aiohttp.ClientTimeout(
                 total=None,
-                # aiohttp's connect covers the wait for a free connection and the connect.
-                connect=_seconds(self.timeout.pool) + _seconds(self.timeout.connect),
+                connect=self.timeout.connect,
                 sock_connect=self.timeout.connect,
                 sock_read=None,
             ),
@@ -102,7 +104,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         may_repeat = request.method in _SAFE_METHODS and not has_body
 
         attempt = _Attempt()
-        self.in_flight += 1
+        try:
+            async with asyncio.timeout(self.timeout.pool):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("no free upstream connection") from None
         try:
             try:
                 response = await self._send(request, url, headers, has_body, attempt)
@@ -113,7 +119,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 attempt.reused = False
                 response = await self._send(request, url, headers, has_body, attempt)
         except BaseException as exc:
-            self.in_flight -= 1
+            self._slots.release()
             error = self._httpx_error(exc, writing=attempt.writing)
             if error is exc:
                 raise
@@ -162,8 +168,6 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if isinstance(exc, aiohttp.ClientConnectorError):
             return httpx.ConnectError(f"{message}: {exc.os_error}")
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            if self.in_flight >= self.max_connections:
-                return httpx.PoolTimeout(message)
             return httpx.ConnectTimeout(message)
         if isinstance(exc, TimeoutError):
             return httpx.WriteTimeout(message) if writing else httpx.ReadTimeout(message)
@@ -246,7 +250,7 @@ class _ResponseBody(httpx.AsyncByteStream):
         if self.closed:
             return
         self.closed = True
-        self.transport.in_flight -= 1
+        self.transport._slots.release()
         # A fully read body returns the connection to the pool; any other is closed.
         self.response.release()
 
@@ -281,7 +285,3 @@ def _url(url: httpx.URL) -> yarl.URL:
         query_string=query.decode("latin-1"),
         encoded=True,
     )
-
-
-def _seconds(value: float | None) -> float:
-    return 0.0 if value is None else value

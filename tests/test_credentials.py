@@ -163,6 +163,27 @@ def test_key_file_rewrite_picked_up_after_interval(
 
 
 @pytest.mark.timeout(10)
+def test_key_file_loose_mode_not_reloaded(
+    make_proxy: Callable[..., RunningProxy],
+    upstream: StandInUpstream,
+    key_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    running, credential = start_with_file(make_proxy, upstream, key_file, clock)
+
+    key_file.write_text(NEW_KEY)
+    key_file.chmod(0o666)
+    clock.advance(1.0)
+    get(running)
+
+    # A file anyone may write is no source for a key that moves money.
+    assert sent_keys(upstream) == [KEY]
+    assert credential.reloads == 0
+    assert f"run 'chmod 600 {key_file}'" in caplog.text
+
+
+@pytest.mark.timeout(10)
 def test_key_file_symlink_swap_picked_up(
     make_proxy: Callable[..., RunningProxy], upstream: StandInUpstream, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 from collections.abc import Callable
 
 import httpx
@@ -558,3 +559,34 @@ def test_request_recorded_shape(proxy: RunningProxy, upstream: StandInUpstream) 
 
     assert response.content == b"/echo"
     assert isinstance(upstream.requests[-1], RecordedRequest)
+
+
+def test_pool_timeout_is_its_own(
+    upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    proxy = make_proxy(
+        upstream.url, max_connections=1, pool_timeout=0.3, connect_timeout=5, read_timeout=10
+    )
+    upstream.reply_with(
+        lambda request: Reply(fail="hang") if request.target == b"/hang" else Reply()
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as holder:
+        holder.sendall(b"GET /hang HTTP/1.1\r\nHost: p\r\n\r\n")
+        upstream.wait_for_requests(1)
+        started = time.monotonic()
+        response = _get(proxy, "/customer")
+        waited = time.monotonic() - started
+
+    # Bounded by pool_timeout alone, not by pool_timeout plus connect_timeout.
+    assert _status(response) == 503
+    assert _envelope(response)["errors"] == ["ProxyUpstreamBusy"]
+    assert _envelope(response)["values"] == {"upstreamReached": False}
+    assert waited < 3
+    assert len(upstream.requests) == 1
+
+
+def test_admin_path_with_slash_not_redirected(proxy: RunningProxy) -> None:
+    response = _get(proxy, "/_proxy/health/", "X-Ignored: 1")
+
+    assert _status(response) == 404
+    assert _values(response, b"location") == []

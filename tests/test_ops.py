@@ -456,3 +456,37 @@ def test_two_workers_serve_and_share_metrics(upstream: StandInUpstream) -> None:
         _samples(metrics)[("nexus_proxy_requests_total", (("method", "GET"), ("status", "200")))]
         == 20
     )
+
+
+def test_shutdown_timeout_answers_envelope(upstream: StandInUpstream) -> None:
+    upstream.reply_with(Reply(fail="hang"))
+    results: list[httpx.Response] = []
+
+    with run_proxy(upstream.url, "--port", "0", "--shutdown-timeout", "1") as proxy:
+        url = proxy.wait_listening()
+        client = threading.Thread(
+            target=lambda: results.append(httpx.get(url + "/token/envelope/1", timeout=10))
+        )
+        client.start()
+        upstream.wait_for_requests(1)
+        proxy.process.send_signal(signal.SIGTERM)
+        client.join(10)
+        status = proxy.process.wait(15)
+
+    # The request reached the upstream, so the client must not assume it was lost.
+    assert status == 0
+    assert [r.status_code for r in results] == [503]
+    assert results[0].json()["errors"] == ["ProxyShuttingDown"]
+    assert results[0].json()["values"] == {"upstreamReached": True}
+
+
+def test_unix_socket_bad_path_exits_2(upstream: StandInUpstream, tmp_path: Path) -> None:
+    taken = tmp_path / "regular-file"
+    taken.write_text("not a socket")
+
+    with run_proxy(upstream.url, "--unix-socket", str(taken)) as proxy:
+        status = proxy.process.wait(15)
+
+    assert status == 2
+    assert "unix_socket: cannot listen on" in "".join(proxy.lines)
+    assert taken.read_text() == "not a socket"

@@ -33,11 +33,19 @@ NEXUS_SUCCESS_BODY = b'{"message":"Successfully processed your request","errors"
 BEFORE_RESPONSE_FAILURES = frozenset(
     {"close_before_response", "reset_before_response", "hang", "invalid"}
 )
-MID_BODY_FAILURES = frozenset({"close_mid_body", "reset_mid_body"})
+# "hang_mid_body" sends `fail_after` body bytes, then keeps the connection open
+# without sending more until the client closes it.
+MID_BODY_FAILURES = frozenset({"close_mid_body", "reset_mid_body", "hang_mid_body"})
 FAILURE_MODES = BEFORE_RESPONSE_FAILURES | MID_BODY_FAILURES
 
 # Bytes sent for fail="invalid": no status line, so every HTTP client must reject it.
 INVALID_RESPONSE = b"\x00\xffTHIS IS NOT HTTP\r\n\r\n"
+
+# What the server does with a keep-alive connection that stayed idle for `idle_timeout`:
+# "close" sends a FIN, as most servers do. "reset_on_request" sends nothing, and
+# meets the next bytes that arrive with a TCP RST without reading them, as a server
+# or middlebox does that dropped the connection without telling the peer.
+IDLE_CLOSE_MODES = frozenset({"close", "reset_on_request"})
 
 # Maximum length of one request line, header line or chunk-size line, and the
 # StreamReader buffer size. A longer line gets 400 Bad Request.
@@ -227,13 +235,24 @@ class StandInUpstream:
         requests: every complete request, in arrival order.
         incomplete: requests whose body was cut short because the client closed
             the connection or the server stopped. Their body fields contain what arrived.
+        heads: request heads received so far, counted before the body is read, so
+            it includes requests whose body never completed.
         connections: TCP connections accepted so far.
         closed_connections: connections that have ended, for either side's reason.
+        idle_closed: keep-alive connections the server ended while they waited for a
+            request: after ``idle_timeout`` (closed, or dropped with
+            ``idle_close="reset_on_request"``), or by ``close_idle_connections``.
         body_started: set when the first de-framed body byte of any request arrives.
 
     A callable handler runs on the server's event loop thread, so it must not
     block. It receives the full request, so only a fixed Reply with
     ``keep_body=False`` makes the server drop body bytes as they arrive.
+
+    With ``idle_timeout`` (seconds), a keep-alive connection that waits longer than
+    that for its next request is ended as ``idle_close`` selects (see IDLE_CLOSE_MODES),
+    so a client meets stale pooled connections. With ``keep_records=False`` the
+    ``requests`` and ``incomplete`` lists stay empty, for long runs whose handler
+    does its own accounting.
     """
 
     def __init__(
@@ -242,9 +261,21 @@ class StandInUpstream:
         *,
         ssl_context: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
+        idle_timeout: float | None = None,
+        idle_close: str = "close",
+        keep_records: bool = True,
     ) -> None:
         """Configure the server, which listens only inside the `with` block."""
         _check_loopback(host)
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"invalid idle_timeout {idle_timeout}: expected seconds above 0")
+        if idle_close not in IDLE_CLOSE_MODES:
+            raise ValueError(
+                f"invalid idle_close {idle_close!r}: expected one of {sorted(IDLE_CLOSE_MODES)}"
+            )
+        self._idle_timeout = idle_timeout
+        self._idle_close = idle_close
+        self._keep_records = keep_records
         self._handler: Handler = Reply() if handler is None else handler
         self._ssl_context = ssl_context
         self._host = host
@@ -254,6 +285,8 @@ class StandInUpstream:
         self.incomplete: list[RecordedRequest] = []
         self.connections = 0
         self.closed_connections = 0
+        self.idle_closed = 0
+        self.heads = 0
         self.body_started = threading.Event()
         self._condition = threading.Condition()
         self._ready = threading.Event()
@@ -263,6 +296,7 @@ class StandInUpstream:
         self._startup_error: BaseException | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._idle_writers: set[asyncio.StreamWriter] = set()
 
     def __enter__(self) -> StandInUpstream:
         """Start listening on an ephemeral port and return once connections are accepted."""
@@ -297,6 +331,11 @@ class StandInUpstream:
         """Set the handler or fixed Reply used for requests that arrive from now on."""
         with self._condition:
             self._handler = handler
+
+    def close_idle_connections(self) -> None:
+        """Close, with a FIN, every keep-alive connection now waiting for its next request."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._close_idle)
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Wait until `count` complete requests arrived and return all recorded so far."""
@@ -360,9 +399,20 @@ class StandInUpstream:
                 self.closed_connections += 1
             self._condition.notify_all()
 
+    def _count_idle_close(self) -> None:
+        with self._condition:
+            self.idle_closed += 1
+            self._condition.notify_all()
+
+    def _count_head(self) -> None:
+        with self._condition:
+            self.heads += 1
+            self._condition.notify_all()
+
     def _append(self, records: list[RecordedRequest], request: RecordedRequest) -> None:
         with self._condition:
-            records.append(request)
+            if self._keep_records:
+                records.append(request)
             self._condition.notify_all()
 
     async def _serve_connection(
@@ -394,8 +444,11 @@ class StandInUpstream:
         try:
             if self._ssl_context is not None:
                 await writer.start_tls(self._ssl_context)
-            while await self._serve_one(reader, writer):
-                pass
+            first_line = None
+            while await self._serve_one(reader, writer, first_line):
+                first_line = await self._next_request_line(reader, writer)
+                if first_line is None:
+                    return
             await _close(writer)
         except _BadRequest as error:
             logger.warning("stand-in upstream: bad request from %s: %s", peer, error)
@@ -405,9 +458,48 @@ class StandInUpstream:
         except Exception:  # for example a `chunks` generator that raised
             logger.exception("stand-in upstream: failed serving %s, aborting the connection", peer)
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Serve one request and return True when the connection stays open for another."""
-        request = await self._read_request(reader, writer)
+    async def _next_request_line(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """Wait for the next request on a keep-alive connection and return its first line.
+
+        Returns None when the connection ended instead: closed by the client, by
+        `close_idle_connections`, or by the server after `idle_timeout`.
+        """
+        self._idle_writers.add(writer)
+        try:
+            # A cancelled readline leaves a partial line in the reader's buffer.
+            line = await asyncio.wait_for(_read_line(reader), self._idle_timeout)
+        except TimeoutError:
+            pass
+        else:
+            return line if line else None
+        finally:
+            self._idle_writers.discard(writer)
+
+        self._count_idle_close()
+        if self._idle_close == "close":
+            await _close(writer)
+        elif await reader.read(1):
+            await _reset(writer)
+        return None
+
+    def _close_idle(self) -> None:
+        for writer in list(self._idle_writers):
+            self._count_idle_close()
+            writer.close()  # the waiting readline then reads the end of the stream
+
+    async def _serve_one(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first_line: bytes | None = None,
+    ) -> bool:
+        """Serve one request and return True when the connection stays open for another.
+
+        `first_line` is the request's first line when the caller has already read it.
+        """
+        request = await self._read_request(reader, writer, first_line)
         if request is None:
             return False
         self._append(self.requests, request)
@@ -435,12 +527,16 @@ class StandInUpstream:
         return handler.keep_body if isinstance(handler, Reply) else True
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first_line: bytes | None = None,
     ) -> RecordedRequest | None:
         """Read one request, or return None when the client closed the connection."""
-        head = await _read_head(reader)
+        head = await _read_head(reader, first_line)
         if head is None:
             return None
+        self._count_head()
         chunked, length = _body_framing(head.headers)
         if _expects_continue(head) and (chunked or length > 0):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -483,7 +579,7 @@ class StandInUpstream:
         elif not await _send_body(reply, writer):
             return False
         if reply.fail in MID_BODY_FAILURES:
-            await _fail(reply.fail, writer)
+            await _fail(reply.fail, writer, reader)
             return False
         return _keeps_alive(request, reply)
 
@@ -536,12 +632,19 @@ async def _read_line(reader: asyncio.StreamReader) -> bytes:
         raise _BadRequest(f"line longer than {MAX_LINE_BYTES} bytes") from error
 
 
-async def _read_head(reader: asyncio.StreamReader) -> _Head | None:
-    """Read a request line and header block, or return None when the client closed first."""
+async def _read_head(reader: asyncio.StreamReader, first_line: bytes | None = None) -> _Head | None:
+    """Read a request line and header block, or return None when the client closed first.
+
+    `first_line`, when given, is the head's first line, already read from `reader`.
+    """
     raw = bytearray()
     lines: list[bytes] = []
+    pending = first_line
     while True:
-        line = await _read_line(reader)
+        if pending is not None:
+            line, pending = pending, None
+        else:
+            line = await _read_line(reader)
         if not line.endswith(b"\n"):
             if raw or line:
                 raise _PeerClosed(
@@ -767,9 +870,15 @@ async def _discard_until_eof(reader: asyncio.StreamReader) -> None:
         pass
 
 
-async def _fail(mode: str | None, writer: asyncio.StreamWriter) -> None:
+async def _fail(
+    mode: str | None, writer: asyncio.StreamWriter, reader: asyncio.StreamReader | None = None
+) -> None:
     if mode is not None and mode.startswith("reset_"):
         await _reset(writer)
+    elif mode == "hang_mid_body" and reader is not None:
+        await writer.drain()
+        await _discard_until_eof(reader)
+        await _close(writer)
     else:
         await _close(writer)
 
