@@ -171,3 +171,22 @@ def test_example_config_documents_every_key() -> None:
             continue
         assert f"{name} =" in text or f"[{name}]" in text, name
     assert Settings(**active).model_dump() == Settings().model_dump()
+
+
+def test_settings_rejects_lower_case_methods() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(allow_methods=["GET", "post"])
+
+    assert "'POST'" in str(caught.value)
+
+
+def test_access_token_file_skips_comments(tmp_path: Path) -> None:
+    from nexus_proxy.access import load_access_tokens
+
+    path = tmp_path / "tokens"
+    path.write_text("# team A\nalpha-token\n\n  # team B\nbeta-token\n")
+
+    tokens = load_access_tokens(Settings(access_token_file=path))
+
+    assert len(tokens) == 2
+    assert tokens.refusal([(b"authorization", b"Bearer beta-token")]) is None
