@@ -82,7 +82,8 @@ def serve(
         "nexus-proxy listening on %s, forwarding to %s (%s), %s fingerprint %s%s",
         _address(sock),
         settings.upstream,
-        "upstream_url" if settings.upstream_url else f"environment {settings.environment}",
+        f"environment {settings.environment}"
+        + (", overridden by upstream_url" if settings.upstream_url else ""),
         credential.kind,
         credential.fingerprint or "pending (token requested at startup)",
         f", {settings.workers} workers" if settings.workers > 1 else "",
