@@ -40,9 +40,9 @@ class AdminRoutes:
 
     async def ready(self, request: Request) -> Response:
         """Readiness: 200 while a credential can be sent upstream, else 503 with the reason."""
-        refused = self.gate.authenticate(request.scope)
-        if refused is not None:
-            return error_response(refused)
+        rejection = self.gate.authenticate(request.scope)
+        if rejection is not None:
+            return error_response(rejection)
 
         reason = self.credential.unavailable_reason()
         body: dict[str, Any] = {
@@ -61,9 +61,9 @@ class AdminRoutes:
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus metrics in the text format."""
-        refused = self.gate.authenticate(request.scope)
-        if refused is not None:
-            return error_response(refused)
+        rejection = self.gate.authenticate(request.scope)
+        if rejection is not None:
+            return error_response(rejection)
 
         days = self.credential.expiry_days()
         if days is not None:
@@ -72,7 +72,7 @@ class AdminRoutes:
 
 
 def error_response(error: errors.ProxyError) -> Response:
-    """A proxy error envelope as a Starlette response."""
+    """Build a Starlette response that carries a proxy error envelope."""
     headers = {"x-nexus-proxy-error": error.code}
     headers.update({name.decode(): value.decode() for name, value in error.headers})
     return Response(

@@ -133,7 +133,7 @@ def _known_flags() -> set[str]:
 
 
 def _explain(exc: ValidationError) -> str:
-    """One line per problem, naming the setting and where it can be set."""
+    """Format one line per problem, naming the setting and where it can be set."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False):
         key = ".".join(str(part) for part in error["loc"])

@@ -43,8 +43,8 @@ __all__ = [
 
 logger = logging.getLogger("nexus_proxy")
 
-# RFC 9110 section 5.5: a field value is visible ASCII, space and tab; we also
-# refuse inner spaces, which no Nexus key contains and which would split "Bearer KEY".
+# RFC 9110 section 5.5 allows visible ASCII, space and tab in a field value. Spaces
+# are rejected too, because no Nexus key contains one and it would split "Bearer KEY".
 _ALLOWED = frozenset(range(0x21, 0x7F))
 
 # A secret file larger than this is a mistake (a key is under 100 bytes), not a secret.
@@ -52,11 +52,11 @@ MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
 class CredentialUnavailable(Exception):
-    """No valid credential exists right now; the message says why (never a secret)."""
+    """No valid credential exists right now. The message gives the reason, never a secret."""
 
 
 class Credential(Protocol):
-    """What the proxy needs from a credential, whatever its kind."""
+    """The interface the proxy uses for a credential of any kind."""
 
     kind: str  # "api_key" or "oauth"
     reloads: int  # new keys loaded from api_key_file
@@ -71,7 +71,7 @@ class Credential(Protocol):
         """The `Authorization` header value to send now; raises `CredentialUnavailable`."""
 
     async def rejected(self, authorization: bytes) -> bool:
-        """Note that the upstream answered 401 to `authorization`.
+        """Record that the upstream returned 401 for `authorization`.
 
         Returns True when a different credential is now available, so that a
         request which is safe to repeat may be sent once more.
@@ -122,7 +122,7 @@ def build_credential(settings: Settings) -> ApiKey | ClientCredentials:
 
 
 def fingerprint(secret: SecretStr) -> str:
-    """The first 8 hex digits of the secret's SHA-256: enough to tell keys apart, safe to log."""
+    """Return the first 8 hex digits of the secret's SHA-256, which is safe to log."""
     return hashlib.sha256(secret.get_secret_value().encode()).hexdigest()[:8]
 
 
@@ -180,7 +180,7 @@ def load_api_key(settings: Settings) -> SecretStr:
         )
     if not is_header_safe(key):
         raise ConfigError(
-            f"api_key: the key from {source} holds characters that cannot be sent in an "
+            f"api_key: the key from {source} contains characters that cannot be sent in an "
             "HTTP header (spaces, control or non-ASCII characters); copy the key again"
         )
     return SecretStr(key)

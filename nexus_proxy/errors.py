@@ -1,6 +1,6 @@
 """The proxy's own errors: one exception for bad configuration, and the HTTP error envelope.
 
-Errors the proxy answers itself use the Nexus envelope, so that clients which parse
+Errors the proxy sends itself use the Nexus envelope, so that clients which parse
 every body as `{"message", "errors", "values"}` keep working:
 
     {"message": "...", "errors": ["ProxyUpstreamTimeout"], "values": {"upstreamReached": true}}
@@ -48,7 +48,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ProxyError:
-    """One kind of error that the proxy answers itself."""
+    """One kind of error that the proxy sends itself."""
 
     status: int
     code: str
@@ -211,7 +211,7 @@ def raw_response(error: ProxyError) -> bytes:
 
 
 async def send_error(send: Send, error: ProxyError, *extra: tuple[bytes, bytes]) -> None:
-    """Answer the client with `error` as a JSON envelope, adding `extra` headers."""
+    """Send the client `error` as a JSON envelope, adding `extra` headers."""
     body = error.body()
     headers = [
         (b"content-type", b"application/json"),

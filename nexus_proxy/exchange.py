@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-# Where the forwarder leaves the exchange in the ASGI scope for the server's protocol.
+# The ASGI scope key under which the forwarder leaves the exchange for the protocol.
 EXCHANGE_SCOPE_KEY = "nexus_proxy.exchange"
 
 
@@ -93,7 +93,7 @@ class Exchange:
 
 
 class RequestBody(httpx.AsyncByteStream):
-    """The client's body, read from ASGI `receive` as the upstream write asks for it."""
+    """The client's body, read from ASGI `receive` whenever the upstream write needs more."""
 
     def __init__(self, exchange: Exchange, max_size: int, timeout: float) -> None:
         self.exchange = exchange
@@ -120,7 +120,7 @@ class RequestBody(httpx.AsyncByteStream):
                 exchange.bytes_in += len(body)
                 if self.max_size and exchange.bytes_in > self.max_size:
                     # Raising here makes the transport drop the connection mid-body,
-                    # so the upstream never sees a complete request.
+                    # so the upstream never receives a complete request.
                     exchange.body_error = BodyTooLarge()
                     raise exchange.body_error
                 yield body

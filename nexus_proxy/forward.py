@@ -42,8 +42,8 @@ __all__ = ["Forwarder"]
 
 logger = logging.getLogger("nexus_proxy")
 
-# Which error the client gets for each transport failure before the response started.
-# ConnectError covers DNS and TLS handshake failures; none of these sent a byte.
+# The error for each transport failure before the response started. ConnectError
+# covers DNS and TLS handshake failures, and none of these five sent a byte.
 _FAILURES: tuple[tuple[type[httpx.TransportError], errors.ProxyError], ...] = (
     (httpx.ConnectError, errors.UPSTREAM_UNREACHABLE),
     (httpx.ConnectTimeout, errors.UPSTREAM_UNREACHABLE),
@@ -126,12 +126,12 @@ class Forwarder:
 
     async def _handle(self, scope: Scope, raw_path: bytes, exchange: Exchange, send: Send) -> None:
         if scope["method"] == "CONNECT" or not raw_path.startswith(b"/"):
-            logger.warning("refused a %s request with a non-origin-form target", scope["method"])
-            await self._answer(send, exchange, errors.BAD_REQUEST)
+            logger.warning("rejected a %s request with a non-origin-form target", scope["method"])
+            await self._send_error(send, exchange, errors.BAD_REQUEST)
             return
-        refused = self.gate.refusal(scope, raw_path)
-        if refused is not None:
-            await self._answer(send, exchange, refused)
+        rejection = self.gate.refusal(scope, raw_path)
+        if rejection is not None:
+            await self._send_error(send, exchange, rejection)
             return
 
         try:
@@ -149,17 +149,17 @@ class Forwarder:
             logger.warning("request cancelled at shutdown before its response was complete")
             if not exchange.response_started:
                 shutdown = errors.SHUTDOWN_SENT if exchange.upstream_started else errors.SHUTDOWN
-                await self._answer(send, exchange, shutdown)
+                await self._send_error(send, exchange, shutdown)
         except ClientDisconnect:
             logger.info("client disconnected while sending the request body")
         except BodyTooLarge:
             logger.warning("request body grew past max_body_size; upstream request aborted")
             if not exchange.response_started:
-                await self._answer(send, exchange, errors.BODY_TOO_LARGE_SENT)
+                await self._send_error(send, exchange, errors.BODY_TOO_LARGE_SENT)
         except BodyTimeout:
             logger.warning("request body paused past client_body_timeout; upstream request aborted")
             if not exchange.response_started:
-                await self._answer(send, exchange, errors.CLIENT_TIMEOUT)
+                await self._send_error(send, exchange, errors.CLIENT_TIMEOUT)
 
     async def _forward(self, scope: Scope, raw_path: bytes, exchange: Exchange, send: Send) -> None:
         try:
@@ -168,9 +168,9 @@ class Forwarder:
             suppressed = self._unavailable_warnings.allow()
             if suppressed is not None:
                 logger.warning(
-                    "no credential to send: %s; answering 503%s", exc, repeats_note(suppressed)
+                    "no credential to send: %s; responding 503%s", exc, repeats_note(suppressed)
                 )
-            await self._answer(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
+            await self._send_error(send, exchange, errors.CREDENTIAL_UNAVAILABLE)
             return
 
         request, framing = self._build_request(scope, raw_path, exchange, authorization)
@@ -231,8 +231,8 @@ class Forwarder:
             return None
         exchange.upstream_seconds = time.perf_counter() - started
         if response.status_code < 200:
-            # An interim status as the final answer (such as an unrequested 101
-            # Switching Protocols) breaks HTTP/1.1; the Upgrade header never went up.
+            # An interim status as the final response (such as an unrequested 101
+            # Switching Protocols) breaks HTTP/1.1, because no Upgrade header went up.
             await response.aclose()
             await self._fail(send, exchange, httpx.RemoteProtocolError("interim final status"))
             return None
@@ -318,15 +318,15 @@ class Forwarder:
         # A protocol error quotes the upstream's bytes, which may echo the key.
         detail = "" if isinstance(exc, httpx.ProtocolError) else f" ({exc})"
         logger.warning(
-            "upstream request failed: %s%s; answering %d %s",
+            "upstream request failed: %s%s; responding %d %s",
             exc.__class__.__name__,
             detail,
             error.status,
             error.code,
         )
-        await self._answer(send, exchange, error)
+        await self._send_error(send, exchange, error)
 
-    async def _answer(self, send: Send, exchange: Exchange, error: errors.ProxyError) -> None:
+    async def _send_error(self, send: Send, exchange: Exchange, error: errors.ProxyError) -> None:
         exchange.status = error.status
         exchange.error_code = error.code
         exchange.response_started = True

@@ -35,7 +35,7 @@ class Gate:
         if reason is None:
             return None
         logger.warning(
-            "refused %s request from %s: access token %s",
+            "rejected %s request from %s: access token %s",
             scope["method"],
             _client(scope),
             reason,
@@ -44,23 +44,23 @@ class Gate:
 
     def refusal(self, scope: Scope, raw_path: bytes) -> errors.ProxyError | None:
         """Return the error to send instead of forwarding, or None to forward."""
-        refused = self.authenticate(scope)
-        if refused is not None:
-            return refused
+        rejection = self.authenticate(scope)
+        if rejection is not None:
+            return rejection
 
         framing_problem = _framing_problem(scope["headers"])
         if framing_problem is not None:
-            logger.warning("refused request with %s", framing_problem)
+            logger.warning("rejected request with %s", framing_problem)
             return errors.BAD_FRAMING
 
         if not self.rules.is_empty:
             refusal = self.rules.check(scope["method"], raw_path)
             if refusal is not None:
-                logger.warning("refused %s request: policy rule %s", scope["method"], refusal.rule)
+                logger.warning("rejected %s request: policy rule %s", scope["method"], refusal.rule)
                 return errors.FORBIDDEN if refusal.forbidden else errors.AMBIGUOUS_PATH
 
         if self.max_body_size and _declared_length(scope["headers"]) > self.max_body_size:
-            logger.warning("refused request: declared body over max_body_size")
+            logger.warning("rejected request: declared body over max_body_size")
             return errors.BODY_TOO_LARGE
         return None
 

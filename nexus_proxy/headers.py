@@ -1,7 +1,7 @@
 """Header policy: what is removed, replaced and added on the way up and on the way back.
 
 Header names arrive lower-cased from the ASGI server (the ASGI spec requires it),
-so every set here holds lower-case names.
+so every set here contains lower-case names.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Set by the proxy itself. The server already answered "Expect: 100-continue"
+# Set by the proxy itself. The server already sent 100 Continue for "Expect: 100-continue"
 # (RFC 9110 section 10.1.1) when the body was first read, so it stops here.
 _REPLACED = frozenset({b"host", b"authorization", b"expect", b"content-length", b"x-request-id"})
 

@@ -36,11 +36,11 @@ __all__ = [
     "method_label",
 ]
 
-# Seconds; from a fast loopback answer up to the default read timeout.
+# Seconds, from a fast loopback response up to the default read timeout.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter(
-    "nexus_proxy_requests", "Requests answered, by method and status code", ["method", "status"]
+    "nexus_proxy_requests", "Requests completed, by method and status code", ["method", "status"]
 )
 REQUEST_DURATION = Histogram(
     "nexus_proxy_request_duration_seconds",
@@ -52,14 +52,14 @@ UPSTREAM_DURATION = Histogram(
     "Time from sending upstream to the upstream's response headers",
     buckets=_BUCKETS,
 )
-ERRORS = Counter("nexus_proxy_errors", "Errors the proxy answered itself, by code", ["code"])
+ERRORS = Counter("nexus_proxy_errors", "Errors the proxy sent itself, by code", ["code"])
 IN_FLIGHT = Gauge(
     "nexus_proxy_in_flight_requests", "Requests being forwarded now", multiprocess_mode="livesum"
 )
 BYTES_IN = Counter("nexus_proxy_request_bytes", "Request body bytes received from clients")
 BYTES_OUT = Counter("nexus_proxy_response_bytes", "Response body bytes sent to clients")
 UPSTREAM_UNAUTHORIZED = Counter(
-    "nexus_proxy_upstream_unauthorized", "Upstream 401 answers to the proxy's credential"
+    "nexus_proxy_upstream_unauthorized", "Upstream 401 responses to the proxy's credential"
 )
 CREDENTIAL_RELOADS = Counter(
     "nexus_proxy_credential_reloads", "Times a changed API key file was loaded"

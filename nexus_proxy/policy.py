@@ -98,7 +98,7 @@ def _normalise(path: str) -> str:
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    """A glob as a regex: `*` within one segment, `**` across segments."""
+    """Compile a glob to a regex: `*` within one segment, `**` across segments."""
     normalised = _normalise(pattern if pattern.startswith("/") else "/" + pattern)
     regex = ""
     parts = re.split(r"(/\*\*|\*\*|\*)", normalised)

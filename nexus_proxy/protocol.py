@@ -23,7 +23,7 @@ __all__ = ["LIMITS_STATE_KEY", "ClientLimits", "OriginFormHttpTools"]
 
 logger = logging.getLogger("nexus_proxy")
 
-# Where the app's lifespan puts the limits; uvicorn hands that state to each connection.
+# The lifespan state key for the limits; uvicorn hands that state to each connection.
 LIMITS_STATE_KEY = "nexus_proxy.client_limits"
 
 
@@ -100,13 +100,13 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self._close_with(error)
 
     def _close_with(self, error: errors.ProxyError) -> None:
-        """Answer `error` and close, but never ahead of an earlier request's response."""
+        """Send `error` and close, but never ahead of an earlier request's response."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if not cycle.more_body:
                 # The error belongs to a pipelined request behind one still in flight:
-                # writing now would hand it to the client as that request's answer.
-                # Close once that request is answered.
+                # writing now would hand it to the client as that request's response.
+                # Close once that request has its response.
                 cycle.keep_alive = False
                 self.flow.pause_reading()
                 return
@@ -115,7 +115,7 @@ class OriginFormHttpTools(HttpToolsProtocol):
                 self.transport.close()
                 return
         # The current request's body broke before its response began, or no
-        # request is in flight: the error is the answer. Closing tells the app.
+        # request is in flight, so the error is the response. Closing tells the app.
         self.transport.write(errors.raw_response(error))
         self.transport.close()
 
@@ -144,7 +144,7 @@ class OriginFormHttpTools(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
-            # The clock runs for the next head only once the current request is answered.
+            # The clock runs for the next head only once the current response is complete.
             self._start_head_timer()
             return
         logger.warning(

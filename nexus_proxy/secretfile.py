@@ -40,7 +40,7 @@ def check_permissions(path: Path, setting: str, *, allow_insecure: bool) -> None
     mode = status.st_mode
 
     problem = (
-        f"{setting}: {path} holds a secret but is open to group or others "
+        f"{setting}: {path} contains a secret but is open to group or others "
         f"(mode {stat.S_IMODE(mode):04o})"
     )
     if allow_insecure:
@@ -63,15 +63,15 @@ def read_secret_file(path: Path, setting: str, *, allow_insecure: bool = False) 
 
 
 def check_config_file(settings: Settings) -> None:
-    """Apply the secret file rule to the TOML file when it holds a secret."""
+    """Apply the secret file rule to the TOML file when it contains a secret."""
     if settings.config is None:
         return
     with settings.config.open("rb") as file:
         data = tomllib.load(file)
     oauth = data.get("oauth")
-    holds_secret = "api_key" in data or "access_tokens" in data
-    holds_secret |= isinstance(oauth, dict) and "client_secret" in oauth
-    if holds_secret:
+    has_secret = "api_key" in data or "access_tokens" in data
+    has_secret |= isinstance(oauth, dict) and "client_secret" in oauth
+    if has_secret:
         check_permissions(
             settings.config, "config", allow_insecure=settings.allow_insecure_permissions
         )

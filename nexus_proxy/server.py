@@ -89,8 +89,8 @@ def serve(
         f", {settings.workers} workers" if settings.workers > 1 else "",
     )
 
-    # uvicorn re-raises the signal that stopped it once it has shut down cleanly;
-    # with these handlers that re-raise is a no-op and the process exits 0.
+    # uvicorn re-raises the signal that stopped it once it has shut down cleanly.
+    # With these handlers that re-raise does nothing, so the process exits 0.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, lambda *_: None)
     server = uvicorn.Server(config)

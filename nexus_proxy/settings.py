@@ -44,7 +44,7 @@ ENVIRONMENTS: dict[str, str] = {
     "dcts": "https://api.dcts.io",
 }
 
-# Which TOML file the settings being built read; set only inside `Settings.load`.
+# The TOML file read by the settings being built; set only inside `Settings.load`.
 _toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
 
 Seconds = Annotated[float, Field(gt=0)]
@@ -102,7 +102,7 @@ class Options(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Listen address")
     port: int = Field(8080, ge=0, le=65535, description="Listen port; 0 picks a free one")
-    api_key_file: Path | None = Field(None, description="File that holds the Nexus API key")
+    api_key_file: Path | None = Field(None, description="File that contains the Nexus API key")
     iso8601: bool = Field(True, description="Send request_iso8601: true upstream")
     connect_timeout: Seconds = Field(5.0, description="Seconds to connect to the upstream")
     read_timeout: Seconds = Field(60.0, description="Seconds to wait for upstream data")
@@ -142,7 +142,7 @@ class Options(BaseSettings):
         default_factory=list, description="Glob patterns of paths forwarded (default: all)"
     )
     deny_paths: CommaList = Field(
-        default_factory=list, description="Glob patterns of paths refused; deny wins over allow"
+        default_factory=list, description="Glob patterns of paths rejected; deny wins over allow"
     )
     max_body_size: int = Field(
         100 * MIB, ge=0, description="Largest request body in bytes; 0 for no limit"

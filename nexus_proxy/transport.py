@@ -12,7 +12,7 @@ and this module keeps the contract on top of aiohttp:
 - A request that may have reached the upstream is never sent again. The only
   repeat is for GET, HEAD and OPTIONS without a body sent on a pooled
   connection that the upstream had closed meanwhile (RFC 9112 section 9.3.1).
-- Errors map to the httpx exception that says whether anything was sent:
+- Errors map to the httpx exception that tells whether anything was sent:
   ConnectError, ConnectTimeout, PoolTimeout and ProxyError mean nothing was.
 - Timeouts: `connect` for a new connection, `pool` for a free one (at most
   `max_connections` requests are in flight), `write` for
@@ -36,7 +36,7 @@ __all__ = ["UpstreamTransport"]
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-# aiohttp adds these unless told not to; the upstream must see the client's only.
+# aiohttp adds these by default, but the upstream must receive the client's only.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 _CHUNK = 64 * 1024
@@ -83,9 +83,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 sock_read=None,
             ),
         )
-        # NOTE: aiohttp repeats PUT and DELETE as well on a closed pooled connection,
-        # and offers no public switch; this private flag turns its repeat off, and
-        # `handle_async_request` repeats safe methods itself.
+        # NOTE: aiohttp also repeats PUT and DELETE on a closed pooled connection and
+        # offers no public switch. This private flag turns its repeat off, so that
+        # `handle_async_request` can repeat safe methods only.
         self._session._retry_connection = False
         return self
 
@@ -204,9 +204,9 @@ async def _timed_body(
 ) -> AsyncIterator[bytes]:
     """Yield the request body, moving `deadline` so each phase has its own timeout.
 
-    While the client's next piece is awaited there is no upstream deadline (the
-    client's own timeout applies); while aiohttp writes a piece, `write` applies;
-    once the body is sent, `read` applies to the wait for the response head.
+    While the client's next piece is awaited, no upstream deadline runs, because
+    the client's own timeout applies. While aiohttp writes a piece, `write`
+    applies. Once the body is sent, `read` applies to the wait for the response head.
     """
     loop = asyncio.get_running_loop()
     async for chunk in stream:
