@@ -54,6 +54,9 @@ _FAILURES: tuple[tuple[type[httpx.TransportError], errors.ProxyError], ...] = (
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Any method but GET, HEAD and OPTIONS goes up with "Content-Length: 0" when it has
+# no body (RFC 9110 section 8.6), so the upstream need not guess.
+_EMPTY_LENGTH = (b"content-length", b"0")
 _REQUEST_ID = b"x-request-id"
 _MAX_REQUEST_ID = 128
 
@@ -208,6 +211,8 @@ class Forwarder:
         else:
             stream = NO_BODY
             exchange.body_complete = True
+            if scope["method"] not in _SAFE_METHODS:
+                headers.insert(-1, _EMPTY_LENGTH)
         request = httpx.Request(
             scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
         )

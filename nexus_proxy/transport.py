@@ -1,49 +1,67 @@
-"""The upstream transport: httpx's transport interface over aiohttp's client.
+"""The upstream transport: httpx's transport interface over a small HTTP/1.1 pool.
 
-httpx's own pool (httpcore) checks every pooled connection on every request, so
-its cost grows with the requests in flight; aiohttp's does not. The forwarder
-still speaks httpx (`httpx.Request` in, `httpx.Response` out, httpx exceptions),
-and this module keeps the contract on top of aiohttp:
+Each connection is an asyncio protocol that parses responses with httptools
+(llhttp, the parser uvicorn uses for requests). The forwarder still speaks httpx:
+`httpx.Request` in, `httpx.Response` out, httpx exceptions. Contract:
 
-- The request target is sent byte for byte, headers keep their order and
-  repeats, and nothing is added (no Accept, Accept-Encoding, User-Agent or
-  Content-Type of aiohttp's own). Bodies are neither compressed nor decompressed,
-  no cookie is kept, no redirect is followed, no proxy variable is read.
+- The request target and headers are sent exactly as given, in their order and
+  with their repeats. Nothing is added, compressed, decompressed or followed,
+  and no cookie is kept. A chunked body is framed here, chunk for chunk.
 - A request that may have reached the upstream is never sent again. The only
-  repeat is for GET, HEAD and OPTIONS without a body sent on a pooled
-  connection that the upstream had closed meanwhile (RFC 9112 section 9.3.1).
+  repeat is for GET, HEAD and OPTIONS without a body when they went out on a
+  pooled connection that the upstream had closed and nothing came back
+  (RFC 9112 section 9.3.1). The repeat uses a new connection.
+- A connection goes back to the pool only after a complete response, with
+  keep-alive, and with nothing received past the response's end. Bytes that
+  arrive on an idle pooled connection close it, so they can never be read as
+  the answer to a later request.
 - Errors map to the httpx exception that tells whether anything was sent:
   ConnectError, ConnectTimeout, PoolTimeout and ProxyError mean nothing was.
-- Timeouts: `connect` for a new connection, `pool` for a free one (at most
-  `max_connections` requests are in flight), `write` for
-  each piece of the body the upstream is slow to take, `read` for the response
-  head once the body is sent, and for each later read of the response body.
+- Timeouts: `pool` for a free slot (at most `max_connections` requests are in
+  flight), `connect` for a new connection (with the egress proxy's CONNECT),
+  `write` for each wait while the upstream is slow to take the body, and `read`
+  for the response head once the request is sent and for each wait for body data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import ssl
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
+from typing import cast
 
-import aiohttp
+import httptools
 import httpx
-import yarl
-from multidict import CIMultiDict
 
 __all__ = ["UpstreamTransport"]
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_NO_BODY_STATUSES = frozenset({204, 304})
 
-# aiohttp adds these by default, but the upstream must receive the client's only.
-_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# A response head larger than this is a protocol error, not a memory cost.
+_MAX_HEAD = 64 * 1024
+# Response body bytes buffered before reading from the upstream pauses, and the
+# level at which it resumes: a slow client slows the upstream down instead.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+# Seconds an idle pooled connection is kept; servers close theirs after 5 s to 2 min.
+_KEEPALIVE_EXPIRY = 15.0
 
-_CHUNK = 64 * 1024
+_FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
+
+Origin = tuple[str, str, int]
+
+_NO_RESPONSE = "upstream closed the connection without a response"
+
+
+class _Stale(Exception):
+    """A pooled connection closed before any byte of a response came back."""
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that sends requests with one pooled aiohttp session."""
+    """An httpx transport that sends HTTP/1.1 requests over pooled keep-alive connections."""
 
     def __init__(
         self,
@@ -52,236 +70,500 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         timeout: httpx.Timeout,
         proxy: str | None = None,
+        keepalive_expiry: float = _KEEPALIVE_EXPIRY,
     ) -> None:
         self.ssl_context = ssl_context
         self.max_connections = max_connections
         self.timeout = timeout
-        self.proxy = proxy
+        self.proxy = httpx.URL(proxy) if proxy else None
+        self.keepalive_expiry = keepalive_expiry
         self._slots = asyncio.Semaphore(max_connections)
-        self._session: aiohttp.ClientSession | None = None
-        self._tracing = aiohttp.TraceConfig()
-        self._tracing.on_connection_reuseconn.append(_note_reuse)
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._connections: set[_Connection] = set()
 
     async def __aenter__(self) -> UpstreamTransport:
-        """Open the connection pool; it must be opened inside the running event loop."""
-        connector = aiohttp.TCPConnector(
-            limit=self.max_connections, limit_per_host=0, ssl=self.ssl_context
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            auto_decompress=False,
-            trust_env=False,
-            trace_configs=[self._tracing],
-            # The wait for a free connection is bounded by `_slots` before aiohttp
-            # is asked, so aiohttp's connect timeout covers connecting only.
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.timeout.connect,
-                sock_connect=self.timeout.connect,
-                sock_read=None,
-            ),
-        )
-        # NOTE: aiohttp also repeats PUT and DELETE on a closed pooled connection and
-        # offers no public switch. This private flag turns its repeat off, so that
-        # `handle_async_request` can repeat safe methods only.
-        self._session._retry_connection = False
         return self
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close every connection, pooled or in use."""
+        for connection in list(self._connections):
+            connection.abort()
+        self._idle.clear()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and return the response with its body still to be read."""
-        if self._session is None:
-            raise RuntimeError("UpstreamTransport used outside `async with`")
-        headers, has_body = _aiohttp_headers(request.headers.raw)
-        url = _url(request.url)
-        may_repeat = request.method in _SAFE_METHODS and not has_body
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        headers = request.headers.raw
+        chunked, has_body = _framing(headers)
+        head = self._head(request.method, origin, url.raw_path, headers)
+        stream = request.stream if has_body else None
+        assert stream is None or isinstance(stream, httpx.AsyncByteStream)
 
-        attempt = _Attempt()
+        await self._acquire_slot()
+        connection = None
+        try:
+            connection = self._pooled(origin)
+            if connection is not None:
+                try:
+                    await connection.send(request.method, head, stream, chunked)
+                except _Stale:
+                    connection.abort()
+                    connection = None
+                    if request.method not in _SAFE_METHODS or has_body:
+                        raise httpx.RemoteProtocolError(_NO_RESPONSE) from None
+            if connection is None:
+                connection = await self._connect(origin)
+                await connection.send(request.method, head, stream, chunked)
+        except BaseException:
+            if connection is not None:
+                connection.abort()
+            self._slots.release()
+            raise
+
+        return httpx.Response(
+            connection.status,
+            headers=connection.headers,
+            stream=_ResponseBody(self, connection),
+            request=request,
+        )
+
+    def _head(
+        self, method: str, origin: Origin, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> bytes:
+        """Return the request line and headers as they go on the wire."""
+        if self.proxy is not None and origin[0] == "http":
+            # Through a proxy, a plain-HTTP request names its origin (RFC 9112 section 3.2.2).
+            target = _authority(origin, "http://") + target
+            headers = headers + self._proxy_authorization()
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        # Every CR and LF must be a line end of ours, so no header can smuggle another.
+        lines = len(headers) + 2
+        if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+            raise httpx.LocalProtocolError("a request header contains CR, LF or NUL")
+        return head
+
+    def _proxy_authorization(self) -> list[tuple[bytes, bytes]]:
+        assert self.proxy is not None
+        if not self.proxy.username:
+            return []
+        userinfo = f"{self.proxy.username}:{self.proxy.password}".encode()
+        return [(b"Proxy-Authorization", b"Basic " + base64.b64encode(userinfo))]
+
+    async def _acquire_slot(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
         try:
             async with asyncio.timeout(self.timeout.pool):
                 await self._slots.acquire()
         except TimeoutError:
             raise httpx.PoolTimeout("no free upstream connection") from None
-        try:
-            try:
-                response = await self._send(request, url, headers, has_body, attempt)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                stale = attempt.reused and not isinstance(exc, aiohttp.ClientConnectorError)
-                if not (may_repeat and stale):
-                    raise
-                attempt.reused = False
-                response = await self._send(request, url, headers, has_body, attempt)
-        except BaseException as exc:
-            self._slots.release()
-            error = self._httpx_error(exc, writing=attempt.writing)
-            if error is exc:
-                raise
-            raise error from exc
 
-        return httpx.Response(
-            response.status,
-            headers=response.raw_headers,
-            stream=_ResponseBody(self, response, self.timeout.read),
-            request=request,
-        )
+    def _pooled(self, origin: Origin) -> _Connection | None:
+        """Return the most recently used idle connection to `origin`, if one is usable."""
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        deadline = asyncio.get_running_loop().time() - self.keepalive_expiry
+        while idle:
+            connection = idle.pop()
+            if connection.usable and connection.idle_since > deadline:
+                connection.active = True
+                return connection
+            connection.abort()
+        return None
 
-    async def _send(
-        self,
-        request: httpx.Request,
-        url: yarl.URL,
-        headers: CIMultiDict[str],
-        has_body: bool,
-        attempt: _Attempt,
-    ) -> aiohttp.ClientResponse:
-        assert self._session is not None
+    def _release(self, connection: _Connection, reusable: bool) -> None:
+        self._slots.release()
+        if not reusable:
+            connection.abort()
+            return
+        connection.active = False
+        connection.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle.setdefault(connection.origin, [])
+        idle.append(connection)
+        # The oldest idle connections sit at the front; close the expired ones.
+        deadline = connection.idle_since - self.keepalive_expiry
+        while idle[0].idle_since <= deadline:
+            idle.pop(0).abort()
+
+    def _forget(self, connection: _Connection) -> None:
+        """Drop a closed connection from the pool's records."""
+        self._connections.discard(connection)
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        """Open a connection to `origin`, through the egress proxy when there is one."""
+        scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        read = self.timeout.read
-        async with asyncio.timeout(None) as deadline:
-            data: AsyncIterator[bytes] | None = None
-            if has_body:
-                assert isinstance(request.stream, httpx.AsyncByteStream)
-                data = _timed_body(request.stream, deadline, attempt, self.timeout)
-            elif read is not None:
-                deadline.reschedule(loop.time() + read)
-            return await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                proxy=self.proxy,
-                trace_request_ctx=attempt,
+        connection = _Connection(self, origin)
+        tls = self.ssl_context if scheme == "https" else None
+        try:
+            async with asyncio.timeout(self.timeout.connect):
+                if self.proxy is None:
+                    await loop.create_connection(
+                        lambda: connection,
+                        host,
+                        port,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    )
+                else:
+                    proxy_port = self.proxy.port or 80
+                    try:
+                        await loop.create_connection(
+                            lambda: connection, self.proxy.host, proxy_port
+                        )
+                    except OSError as exc:
+                        raise httpx.ProxyError(
+                            f"egress proxy unreachable: {_describe(exc)}"
+                        ) from exc
+                    if tls is not None:
+                        await self._tunnel(connection, origin, tls)
+        except TimeoutError:
+            connection.abort()
+            raise httpx.ConnectTimeout("connecting to the upstream timed out") from None
+        except OSError as exc:
+            connection.abort()
+            raise httpx.ConnectError(_describe(exc)) from exc
+        except BaseException:
+            connection.abort()
+            raise
+        connection.active = True
+        self._connections.add(connection)
+        return connection
+
+    async def _tunnel(self, connection: _Connection, origin: Origin, tls: ssl.SSLContext) -> None:
+        """Open a CONNECT tunnel through the egress proxy and start TLS inside it."""
+        authority = _authority(origin, "")
+        lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
+        lines += [name + b": " + value for name, value in self._proxy_authorization()]
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        connection.active = True
+        try:
+            await connection.send("CONNECT", head, None, chunked=False)
+        except (httpx.TransportError, _Stale) as exc:
+            raise httpx.ProxyError("egress proxy closed the connection during CONNECT") from exc
+        if connection.status != 200:
+            raise httpx.ProxyError(f"egress proxy answered CONNECT with {connection.status}")
+        await connection.start_tls(tls, origin[1])
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: writes a request, parses its response, flows both ways."""
+
+    def __init__(self, pool: UpstreamTransport, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.active = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.used = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self._reset("GET")
+
+    def _reset(self, method: str) -> None:
+        self.method = method
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.received = 0
+        self.head_done = False
+        self.complete = False
+        self.until_close = False
+        self.keep_alive = False
+        self.surplus = False
+        self.error: httpx.TransportError | None = None
+        self.body: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def abort(self) -> None:
+        """Close the connection at once; a response still expected fails."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self._lost(None)
+
+    # Sending a request.
+
+    async def send(
+        self,
+        method: str,
+        head: bytes,
+        stream: httpx.AsyncByteStream | None,
+        chunked: bool,
+    ) -> None:
+        """Write one request and wait for its response head.
+
+        Raises `_Stale` when a pooled connection turned out to be closed before
+        anything of the response arrived.
+        """
+        reused = self.used
+        self.used = True
+        self._reset(method)
+        if not self.usable:
+            raise _Stale() if reused else httpx.WriteError("upstream connection closed")
+        assert self.transport is not None
+        self.transport.write(head)
+        if stream is not None:
+            await self._send_body(stream, chunked)
+        read = self.pool.timeout.read
+        while not self.head_done and self.error is None:
+            await self.wait(read, httpx.ReadTimeout)
+        if self.head_done:
+            return
+        assert self.error is not None
+        if reused and self.received == 0:
+            raise _Stale()
+        raise self.error
+
+    async def _send_body(self, stream: httpx.AsyncByteStream, chunked: bool) -> None:
+        assert self.transport is not None
+        write = self.pool.timeout.write
+        async for chunk in stream:
+            if self.closed:
+                break
+            if chunked:
+                if not chunk:
+                    continue
+                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                self.transport.write(chunk)
+            while self.writing_paused and not self.closed:
+                await self.wait(write, httpx.WriteTimeout)
+        else:
+            if chunked and not self.closed:
+                self.transport.write(b"0\r\n\r\n")
+            return
+        # The connection closed while the body was being sent. A response that
+        # came before that is still the answer; otherwise the write failed.
+        if not self.head_done:
+            raise self.error or httpx.WriteError("upstream closed the connection mid-request")
+
+    async def wait(self, timeout: float | None, expired: type[httpx.TimeoutException]) -> None:
+        """Wait until the protocol has news (data, an error, room to write), at most `timeout` s."""
+        waiter = self.waiter = self.loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = self.loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            phase = "write" if expired is httpx.WriteTimeout else "read"
+            raise expired(f"upstream {phase} timed out") from None
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """Record that the connection is gone, and what that means for the response."""
+        self.closed = True
+        self.pool._forget(self)
+        if self.active and not self.complete and self.error is None:
+            if self.head_done and self.until_close and exc is None:
+                self.complete = True
+            elif self.head_done:
+                self.error = httpx.ReadError("upstream closed the connection mid-response")
+            else:
+                self.error = httpx.RemoteProtocolError(_NO_RESPONSE)
+        self._wake()
+
+    async def start_tls(self, tls: ssl.SSLContext, host: str) -> None:
+        """Switch this connection to TLS, as after a CONNECT tunnel opened."""
+        assert self.transport is not None
+        transport = await self.loop.start_tls(self.transport, self, tls, server_hostname=host)
+        assert transport is not None
+        self.transport = transport
+        self.parser = httptools.HttpResponseParser(self)
+        self.used = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.surplus:
+            # Bytes nobody asked for: the connection can never be trusted again.
+            self.surplus = True
+            self.abort()
+            return
+        self.received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A 101 Switching Protocols: no HTTP follows on this connection.
+            self.complete = True
+            self.keep_alive = False
+            self._wake()
+        except httptools.HttpParserError:
+            if self.complete:
+                self.surplus = True
+            else:
+                self._fail(httpx.RemoteProtocolError("upstream sent invalid HTTP"))
+            return
+        if not self.head_done and self.received > _MAX_HEAD:
+            self._fail(httpx.RemoteProtocolError("upstream response head too large"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self._lost(exc)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake()
+
+    def _fail(self, error: httpx.TransportError) -> None:
+        self.error = error
+        self.abort()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.surplus = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.surplus:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.surplus:
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim response; the final one follows on this connection.
+            self.headers = []
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.method == "HEAD" or status in _NO_BODY_STATUSES or self.method == "CONNECT":
+            # llhttp cannot be told a response answers HEAD, so it would wait for
+            # the body its Content-Length names; such a connection is not reused.
+            self.complete = True
+            self.keep_alive = self.keep_alive and status in _NO_BODY_STATUSES
+        else:
+            self.until_close = not any(
+                name.lower() in (b"content-length", b"transfer-encoding")
+                for name, _ in self.headers
             )
+        self._wake()
 
-    def _httpx_error(self, exc: BaseException, *, writing: bool = False) -> BaseException:
-        """Return the httpx exception for an aiohttp failure, or `exc` when it is not one."""
-        message = exc.__class__.__name__
-        if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
-            return httpx.ProxyError(message)
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return httpx.ConnectError(f"{message}: {exc.os_error}")
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return httpx.ConnectTimeout(message)
-        if isinstance(exc, TimeoutError):
-            return httpx.WriteTimeout(message) if writing else httpx.ReadTimeout(message)
-        if isinstance(exc, aiohttp.ClientOSError):
-            return httpx.ReadError(message)
-        if isinstance(exc, aiohttp.ClientError):
-            return httpx.RemoteProtocolError(message)
-        return exc
+    def on_body(self, body: bytes) -> None:
+        if self.complete or self.surplus:
+            self.surplus = True
+            return
+        self.body.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
 
+    def on_message_complete(self) -> None:
+        if not self.head_done or self.surplus:
+            return
+        if self.complete and self.method in ("HEAD", "CONNECT"):
+            return
+        self.complete = True
+        self._wake()
 
-class _Attempt:
-    """One try of a request: whether it went out on a pooled connection, and its phase."""
-
-    __slots__ = ("reused", "writing")
-
-    def __init__(self) -> None:
-        self.reused = False
-        self.writing = False
-
-
-async def _note_reuse(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceConnectionReuseconnParams,
-) -> None:
-    context.trace_request_ctx.reused = True
-
-
-async def _timed_body(
-    stream: httpx.AsyncByteStream,
-    deadline: asyncio.Timeout,
-    attempt: _Attempt,
-    timeout: httpx.Timeout,
-) -> AsyncIterator[bytes]:
-    """Yield the request body, moving `deadline` so each phase has its own timeout.
-
-    While the client's next piece is awaited, no upstream deadline runs, because
-    the client's own timeout applies. While aiohttp writes a piece, `write`
-    applies. Once the body is sent, `read` applies to the wait for the response head.
-    """
-    loop = asyncio.get_running_loop()
-    async for chunk in stream:
-        attempt.writing = True
-        if timeout.write is not None:
-            deadline.reschedule(loop.time() + timeout.write)
-        yield chunk
-        attempt.writing = False
-        deadline.reschedule(None)
-    if timeout.read is not None:
-        deadline.reschedule(loop.time() + timeout.read)
+    def take(self) -> bytes:
+        """Return the buffered body bytes and let the upstream send more."""
+        chunk = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return chunk
 
 
 class _ResponseBody(httpx.AsyncByteStream):
-    """The response body as aiohttp receives it, each read bounded by the read timeout."""
+    """The response body as it arrives, each wait bounded by the read timeout."""
 
-    def __init__(
-        self, transport: UpstreamTransport, response: aiohttp.ClientResponse, read: float | None
-    ) -> None:
-        self.transport = transport
-        self.response = response
-        self.read = read
+    def __init__(self, pool: UpstreamTransport, connection: _Connection) -> None:
+        self.pool = pool
+        self.connection = connection
         self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self.response.content
+        connection = self.connection
+        read = self.pool.timeout.read
         while True:
-            try:
-                async with asyncio.timeout(self.read):
-                    chunk = await content.readany()
-            except BaseException as exc:
-                error = self.transport._httpx_error(exc)
-                if error is exc:
-                    raise
-                raise error from exc
-            if not chunk:
+            if connection.body:
+                yield connection.take()
+            elif connection.complete:
                 return
-            yield chunk
+            elif connection.error is not None:
+                raise connection.error
+            else:
+                await connection.wait(read, httpx.ReadTimeout)
 
     async def aclose(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.transport._slots.release()
-        # A fully read body returns the connection to the pool; any other is closed.
-        self.response.release()
+        connection = self.connection
+        reusable = (
+            connection.complete
+            and connection.keep_alive
+            and not connection.surplus
+            and not connection.body
+            and connection.usable
+        )
+        self.pool._release(connection, reusable)
 
 
-def _aiohttp_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], bool]:
-    """Return the headers for aiohttp, and whether a body follows.
-
-    Transfer-Encoding is left out: aiohttp frames a body without Content-Length
-    as chunked itself.
-    """
-    headers: CIMultiDict[str] = CIMultiDict()
-    has_body = False
-    for name, value in raw:
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
+    """Return whether the request body is chunked, and whether there is a body."""
+    chunked = has_body = False
+    for name, _ in headers:
         lowered = name.lower()
         if lowered == b"transfer-encoding":
+            chunked = has_body = True
+        elif lowered == b"content-length":
             has_body = True
-            continue
-        if lowered == b"content-length":
-            has_body = True
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    return headers, has_body
+    return chunked, has_body
 
 
-def _url(url: httpx.URL) -> yarl.URL:
-    """Return the aiohttp URL with the exact request target of `url`."""
-    path, _, query = url.raw_path.partition(b"?")
-    return yarl.URL.build(
-        scheme=url.scheme,
-        host=url.host,
-        port=url.port,
-        path=path.decode("latin-1"),
-        query_string=query.decode("latin-1"),
-        encoded=True,
-    )
+def _authority(origin: Origin, prefix: str) -> bytes:
+    _, host, port = origin
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{prefix}{host}:{port}".encode("ascii")
+
+
+def _describe(exc: OSError) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

@@ -343,11 +343,6 @@ def test_stale_dropped_connection_post_never_twice(
     assert upstream.incomplete == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: bytes an upstream sends past a response's Content-Length stay in the "
-    "pooled connection and can become the next request's response",
-)
 def test_surplus_bytes_never_answer_next_request(
     upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
 ) -> None:
@@ -374,6 +369,35 @@ def test_surplus_bytes_never_answer_next_request(
 
     assert firsts == [b"hello"] * rounds
     assert seconds == [b"/customer/C2-%d" % round_number for round_number in range(rounds)]
+
+
+def test_late_surplus_closes_idle_connection(
+    upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    surplus = b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\nnot your response"
+
+    def reply(request: RecordedRequest) -> Reply:
+        if request.target == b"/customer/C1":
+            # The surplus comes after the response is complete, while the
+            # connection idles in the pool.
+            return Reply(
+                headers=[("Content-Length", "5")],
+                chunks=[b"hello", surplus],
+                chunk_delay=0.2,
+                raw_framing=True,
+            )
+        return Reply(body=request.target)
+
+    upstream.reply_with(reply)
+    proxy = make_proxy(upstream.url, max_connections=1, **TIMEOUTS)
+
+    first = _exchange(proxy.url + "/customer/C1", "GET", None)
+    upstream.wait_until(lambda: upstream.closed_connections == 1)
+    second = _exchange(proxy.url + "/customer/C2", "GET", None)
+
+    assert (first.status, first.body) == (200, b"hello")
+    assert (second.status, second.body) == (200, b"/customer/C2")
+    assert upstream.connections == 2
 
 
 @pytest.mark.parametrize("length", [3, 9])
