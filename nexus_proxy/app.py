@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import ssl
 import urllib.request
@@ -116,6 +117,11 @@ class NexusProxy:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with self.transport:
             await self.credential.start()
+            # Everything alive now lives as long as the process. Frozen, it is left
+            # out of every later garbage collection, which then takes microseconds
+            # instead of pausing requests for milliseconds.
+            gc.collect()
+            gc.freeze()
             try:
                 # uvicorn hands this state to every connection's protocol.
                 yield {LIMITS_STATE_KEY: self.client_limits}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-import uuid
 
 import httpx
 
@@ -59,22 +59,9 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _EMPTY_LENGTH = (b"content-length", b"0")
 _REQUEST_ID = b"x-request-id"
 _MAX_REQUEST_ID = 128
-
-
-class _RawTarget(httpx.URL):
-    """An upstream URL whose request target is sent exactly as given.
-
-    httpx.URL normalises dot segments and percent-encodes some characters; the
-    Nexus contract is that path and query pass byte for byte.
-    """
-
-    def __init__(self, origin: httpx.URL, target: bytes) -> None:
-        super().__init__(origin)
-        self._target = target
-
-    @property
-    def raw_path(self) -> bytes:
-        return self._target
+# New request ids only tell requests apart in logs, so they need not be
+# unpredictable; os.urandom would cost a system call per request.
+_ids = random.Random()  # noqa: S311
 
 
 class Forwarder:
@@ -103,7 +90,7 @@ class Forwarder:
             url.netloc.decode("ascii"), iso8601=iso8601, defaults=default_headers
         )
         self.responses = ResponsePolicy(url)
-        self.extensions = {"timeout": timeout.as_dict()}
+        self.timeouts = timeout.as_dict()
         self.access_log = access_log
         self._unavailable_warnings = RepeatLimit(60.0, time.monotonic)
         self.body_timeout = body_timeout
@@ -213,10 +200,12 @@ class Forwarder:
             exchange.body_complete = True
             if scope["method"] not in _SAFE_METHODS:
                 headers.insert(-1, _EMPTY_LENGTH)
+        # The "target" extension (httpcore's name for it) sends path and query
+        # byte for byte; httpx.URL would normalise dot segments and re-encode.
+        extensions = {"timeout": self.timeouts, "target": target}
         request = httpx.Request(
-            scope["method"], self.origin, headers=headers, stream=stream, extensions=self.extensions
+            scope["method"], self.origin, headers=headers, stream=stream, extensions=extensions
         )
-        request.url = _RawTarget(self.origin, target)
         return request, framing
 
     async def _send(
@@ -369,4 +358,4 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if 0 < len(value) <= _MAX_REQUEST_ID and all(0x21 <= byte <= 0x7E for byte in value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return f"{_ids.getrandbits(128):032x}"

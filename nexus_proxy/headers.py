@@ -122,15 +122,14 @@ class ResponsePolicy:
 
     def apply(self, headers: Iterable[tuple[bytes, bytes]], secret: bytes = b"") -> Headers:
         """Return the headers to send to the client, any value that contains `secret` replaced."""
-        headers = list(headers)
-        dropped = _RESPONSE_DROPPED
-        if any(name.lower() == b"connection" for name, _ in headers):
-            dropped = dropped | connection_tokens((n.lower(), v) for n, v in headers)
-
         kept: Headers = []
+        names: list[bytes] = []
+        tokens: set[bytes] = set()
         for name, value in headers:
             lowered = name.lower()
-            if lowered in dropped:
+            if lowered in _RESPONSE_DROPPED:
+                if lowered == b"connection":
+                    tokens.update(token.strip().lower() for token in value.split(b","))
                 continue
             if lowered == b"location":
                 value = self.rewrite_location(value)
@@ -139,6 +138,11 @@ class ResponsePolicy:
                 # page's redirect) must not hand it to the client.
                 value = REDACTED
             kept.append((name, value))
+            names.append(lowered)
+        if tokens & set(names):
+            # Headers a Connection header names apply to this hop only.
+            pairs = zip(kept, names, strict=True)
+            kept = [header for header, lowered in pairs if lowered not in tokens]
         return kept
 
     def rewrite_location(self, location: bytes) -> bytes:

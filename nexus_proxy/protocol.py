@@ -49,11 +49,16 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self.head_size = 0
         self.head_count = 0
         self.head_too_large = False
+        # One timer per connection, moved on lazily: arming and cancelling one per
+        # request would cost more than the checks it makes.
         self.head_timer: asyncio.TimerHandle | None = None
+        # When the request head now arriving began, or None between heads.
+        self.head_started: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._start_head_timer()
+        self.head_started = self.loop.time()
+        self._start_head_timer(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -70,8 +75,10 @@ class OriginFormHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self.head_size = 0
         self.head_count = 0
+        if self.head_started is None:
+            self.head_started = self.loop.time()
         if self.head_timer is None:
-            self._start_head_timer()
+            self._start_head_timer(self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url), 0)
@@ -82,7 +89,7 @@ class OriginFormHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        self.head_started = None
         target = self.url
         if not target.startswith(b"/"):
             self.url = b"/"
@@ -130,9 +137,8 @@ class OriginFormHttpTools(HttpToolsProtocol):
             self.head_too_large = True
             raise _HeadTooLarge
 
-    def _start_head_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.head_timer = loop.call_later(self.limits.header_timeout, self._head_timed_out)
+    def _start_head_timer(self, delay: float) -> None:
+        self.head_timer = self.loop.call_later(delay, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self.head_timer is not None:
@@ -141,11 +147,18 @@ class OriginFormHttpTools(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.head_started is None:
+            # No head is arriving; the next one to begin arms the timer again.
             return
+        timeout = self.limits.header_timeout
         if self.cycle is not None and not self.cycle.response_complete:
             # The clock runs for the next head only once the current response is complete.
-            self._start_head_timer()
+            self.head_started = self.loop.time()
+            self._start_head_timer(timeout)
+            return
+        remaining = self.head_started + timeout - self.loop.time()
+        if remaining > 0:
+            self._start_head_timer(remaining)
             return
         logger.warning(
             "closed a connection from %s: no complete request head within %s s",

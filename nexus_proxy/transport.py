@@ -4,7 +4,8 @@ Each connection is an asyncio protocol that parses responses with httptools
 (llhttp, the parser uvicorn uses for requests). The forwarder still speaks httpx:
 `httpx.Request` in, `httpx.Response` out, httpx exceptions. Contract:
 
-- The request target and headers are sent exactly as given, in their order and
+- The request target (the "target" extension, as httpcore names it, or else the
+  URL's raw path) and the headers are sent exactly as given, in their order and
   with their repeats. Nothing is added, compressed, decompressed or followed,
   and no cookie is kept. A chunked body is framed here, chunk for chunk.
 - A request that may have reached the upstream is never sent again. The only
@@ -96,7 +97,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         headers = request.headers.raw
         chunked, has_body = _framing(headers)
-        head = self._head(request.method, origin, url.raw_path, headers)
+        target = request.extensions.get("target") or url.raw_path
+        head = self._head(request.method, origin, target, headers)
         stream = request.stream if has_body else None
         assert stream is None or isinstance(stream, httpx.AsyncByteStream)
 
@@ -169,7 +171,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         if not idle:
             return None
-        deadline = asyncio.get_running_loop().time() - self.keepalive_expiry
+        deadline = idle[-1].loop.time() - self.keepalive_expiry
         while idle:
             connection = idle.pop()
             if connection.usable and connection.idle_since > deadline:
@@ -184,7 +186,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             connection.abort()
             return
         connection.active = False
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         idle = self._idle.setdefault(connection.origin, [])
         idle.append(connection)
         # The oldest idle connections sit at the front; close the expired ones.
