@@ -36,8 +36,72 @@ class ClientLimits:
     header_timeout: float = 30.0
 
 
+# Bytes held by CorkedTransport before it writes at once.
+CORK_LIMIT = 64 * 1024
+
+
 class _HeadTooLarge(Exception):
     pass
+
+
+class CorkedTransport:
+    """A transport whose writes within one event-loop step leave as one write.
+
+    uvicorn writes a response head and then its body with a system call each; a
+    small response costs one send instead of two when they are joined. Data is
+    held at most until the loop's next step, or until `CORK_LIMIT` bytes wait.
+    """
+
+    __slots__ = ("loop", "pending", "size", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.pending: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(data)
+        self.size += len(data)
+        if self.size >= CORK_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is held now."""
+        if self.pending:
+            pending = self.pending
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            self.pending = []
+            self.size = 0
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.pending = []
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.transport.set_protocol(protocol)
+
+    def get_write_buffer_size(self) -> int:
+        return self.size + self.transport.get_write_buffer_size()
 
 
 class OriginFormHttpTools(HttpToolsProtocol):
@@ -57,6 +121,8 @@ class OriginFormHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Flow control keeps the real transport; everything else writes through the cork.
+        self.transport = CorkedTransport(transport, self.loop)  # type: ignore[assignment]
         self.head_started = self.loop.time()
         self._start_head_timer(self.limits.header_timeout)
 

@@ -117,6 +117,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             if connection is None:
                 connection = await self._connect(origin)
                 await connection.send(request.method, head, stream, chunked)
+            if connection.status == 407 and self.proxy is not None and origin[0] == "http":
+                # Only a proxy sends 407 (RFC 9110 section 15.5.8): the egress proxy
+                # refused the request, so it went no further.
+                raise httpx.ProxyError("egress proxy answered with 407")
         except BaseException:
             if connection is not None:
                 connection.abort()
@@ -218,10 +222,16 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                         server_hostname=host if tls else None,
                     )
                 else:
-                    proxy_port = self.proxy.port or 80
+                    # An https:// egress proxy is spoken to over TLS, checked like the upstream.
+                    proxy_tls = self.ssl_context if self.proxy.scheme == "https" else None
+                    proxy_port = self.proxy.port or (443 if proxy_tls else 80)
                     try:
                         await loop.create_connection(
-                            lambda: connection, self.proxy.host, proxy_port
+                            lambda: connection,
+                            self.proxy.host,
+                            proxy_port,
+                            ssl=proxy_tls,
+                            server_hostname=self.proxy.host if proxy_tls else None,
                         )
                     except OSError as exc:
                         raise httpx.ProxyError(
