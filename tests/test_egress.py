@@ -491,7 +491,6 @@ def test_egress_proxy_refusal_is_unreachable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The egress proxy requires credentials and the configured URL has none, so it sends 407.
-    # NOTE: the [http] case fails because nexus-proxy passes the egress proxy's 407 to the client.
     upstream = any_upstream
     with StandInEgressProxy(upstream.port, PROXY_AUTHORIZATION) as egress:
         proxy = make_proxy(
@@ -580,7 +579,6 @@ def test_https_egress_proxy_url_gets_tls(
 ) -> None:
     # An https:// proxy URL means TLS to the proxy itself, as httpx and curl (7.52.0 and
     # later) read it, so the Proxy-Authorization credentials never travel in cleartext.
-    # NOTE: this fails because nexus-proxy speaks plain HTTP to an https:// egress proxy.
     upstream = any_upstream
     with StandInEgressProxy(
         upstream.port, PROXY_AUTHORIZATION, authority.server_context()
