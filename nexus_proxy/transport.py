@@ -331,9 +331,10 @@ class _Connection(asyncio.Protocol):
         if not self.usable:
             raise _Stale() if reused else httpx.WriteError("upstream connection closed")
         assert self.transport is not None
-        self.transport.write(head)
-        if stream is not None:
-            await self._send_body(stream, chunked)
+        if stream is None:
+            self.transport.write(head)
+        else:
+            await self._send_body(head, stream, chunked)
         read = self.pool.timeout.read
         while not self.head_done and self.error is None:
             await self.wait(read, httpx.ReadTimeout)
@@ -344,23 +345,28 @@ class _Connection(asyncio.Protocol):
             raise _Stale()
         raise self.error
 
-    async def _send_body(self, stream: httpx.AsyncByteStream, chunked: bool) -> None:
+    async def _send_body(self, head: bytes, stream: httpx.AsyncByteStream, chunked: bool) -> None:
+        """Write the head with the first piece of the body, then the rest as it comes."""
         assert self.transport is not None
         write = self.pool.timeout.write
+        pending = head
         async for chunk in stream:
             if self.closed:
                 break
             if chunked:
                 if not chunk:
                     continue
-                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                data = b"".join((pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
-                self.transport.write(chunk)
+                data = pending + chunk if pending else chunk
+            pending = b""
+            self.transport.write(data)
             while self.writing_paused and not self.closed:
                 await self.wait(write, httpx.WriteTimeout)
         else:
-            if chunked and not self.closed:
-                self.transport.write(b"0\r\n\r\n")
+            end = b"0\r\n\r\n" if chunked else b""
+            if (pending or end) and not self.closed:
+                self.transport.write(pending + end)
             return
         # The connection closed while the body was being sent. A response that
         # came before that is still the answer; otherwise the write failed.
