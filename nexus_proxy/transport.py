@@ -362,6 +362,11 @@ class _Connection(asyncio.Protocol):
             pending = b""
             self.transport.write(data)
             while self.writing_paused and not self.closed:
+                if self.head_done:
+                    # The upstream answered and stopped reading: the rest of the
+                    # body is not wanted, and the connection cannot be reused.
+                    self.keep_alive = False
+                    return
                 await self.wait(write, httpx.WriteTimeout)
         else:
             end = b"0\r\n\r\n" if chunked else b""

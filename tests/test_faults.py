@@ -863,6 +863,51 @@ def test_bodies_intact_under_concurrency(
         assert delivered == declared, f"request {test_id}: download changed"
 
 
+class _EarlyAnswer:
+    """An upstream that answers 413 after the request head and never reads the body."""
+
+    RESPONSE = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> _EarlyAnswer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done.set()
+        self.listener.close()
+        self.thread.join(5)
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(65536)
+            connection.sendall(self.RESPONSE)
+            self.done.wait(20)
+
+
+def test_early_answer_ends_stalled_upload(make_proxy: Callable[..., RunningProxy]) -> None:
+    # The upstream stops reading once it has answered, so the upload stalls. The
+    # client must get that answer at once, not a 504 after write_timeout.
+    write_timeout = 3.0
+    with _EarlyAnswer() as upstream:
+        proxy = make_proxy(
+            upstream.url, **{**TIMEOUTS, "write_timeout": write_timeout}, max_body_size=0
+        )
+        outcome = _exchange(proxy.url + "/token/payments", content=b"x" * (64 * 1024 * 1024))
+
+    assert outcome.error is None
+    assert (outcome.status, outcome.body) == (413, b"too large")
+    assert outcome.seconds < write_timeout
+
+
 def test_body_timeout_closes_connection(
     upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
 ) -> None:
