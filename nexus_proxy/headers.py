@@ -133,9 +133,10 @@ class ResponsePolicy:
                 continue
             if lowered == b"location":
                 value = self.rewrite_location(value)
-            if secret and secret in value:
+            if secret and secret in value and lowered != b"content-length":
                 # An upstream that echoes the credential (a debug header, an error
-                # page's redirect) must not hand it to the client.
+                # page's redirect) must not hand it to the client. A length is
+                # digits only and frames the body, so it is never replaced.
                 value = REDACTED
             kept.append((name, value))
             names.append(lowered)

@@ -113,6 +113,7 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self.head_size = 0
         self.head_count = 0
         self.head_too_large = False
+        self.in_head = False
         # One timer per connection, moved on lazily: arming and cancelling one per
         # request would cost more than the checks it makes.
         self.head_timer: asyncio.TimerHandle | None = None
@@ -141,6 +142,7 @@ class OriginFormHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self.head_size = 0
         self.head_count = 0
+        self.in_head = True
         if self.head_started is None:
             self.head_started = self.loop.time()
         if self.head_timer is None:
@@ -152,10 +154,14 @@ class OriginFormHttpTools(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4, 1)
-        super().on_header(name, value)
+        if self.in_head:
+            super().on_header(name, value)
+        # Fields after the head are a chunked body's trailer fields. uvicorn would
+        # add them to the request's headers, so they are dropped instead.
 
     def on_headers_complete(self) -> None:
         self.head_started = None
+        self.in_head = False
         target = self.url
         if not target.startswith(b"/"):
             self.url = b"/"

@@ -57,6 +57,10 @@ Origin = tuple[str, str, int]
 _NO_RESPONSE = "upstream closed the connection without a response"
 
 
+class _UnsupportedCoding(Exception):
+    """A response's Transfer-Encoding is not just chunked."""
+
+
 class _Stale(Exception):
     """A pooled connection closed before any byte of a response came back."""
 
@@ -276,7 +280,7 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _parser(self)
         self.active = False
         self.closed = False
         self.idle_since = 0.0
@@ -297,6 +301,8 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.keep_alive = False
         self.surplus = False
+        # Whether an interim response said "Connection: close".
+        self.close_after = False
         self.error: httpx.TransportError | None = None
         self.body: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -418,7 +424,7 @@ class _Connection(asyncio.Protocol):
         transport = await self.loop.start_tls(self.transport, self, tls, server_hostname=host)
         assert transport is not None
         self.transport = transport
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _parser(self)
         self.used = False
 
     # asyncio.Protocol
@@ -472,7 +478,8 @@ class _Connection(asyncio.Protocol):
             self.surplus = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.surplus:
+        # Fields after the head are trailer fields, which are not passed on.
+        if not self.surplus and not self.head_done:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -482,20 +489,28 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             # An interim response; the final one follows on this connection.
             self.headers = []
+            self.close_after = self.close_after or not self.parser.should_keep_alive()
             return
+        framed = False
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # A coding the proxy cannot undo would reach the client unlabelled.
+                    raise _UnsupportedCoding(value)
+                framed = True
+            elif lowered == b"content-length":
+                framed = True
         self.status = status
         self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = self.parser.should_keep_alive() and not self.close_after
         if self.method == "HEAD" or status in _NO_BODY_STATUSES or self.method == "CONNECT":
             # llhttp cannot be told a response answers HEAD, so it would wait for
             # the body its Content-Length names; such a connection is not reused.
             self.complete = True
             self.keep_alive = self.keep_alive and status in _NO_BODY_STATUSES
         else:
-            self.until_close = not any(
-                name.lower() in (b"content-length", b"transfer-encoding")
-                for name, _ in self.headers
-            )
+            self.until_close = not framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -514,6 +529,8 @@ class _Connection(asyncio.Protocol):
             return
         if self.complete and self.method in ("HEAD", "CONNECT"):
             return
+        # A trailer field may say "Connection: close".
+        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.complete = True
         self._wake()
 
@@ -581,6 +598,15 @@ def _authority(origin: Origin, prefix: str) -> bytes:
     if ":" in host:
         host = f"[{host}]"
     return f"{prefix}{host}:{port}".encode("ascii")
+
+
+def _parser(connection: _Connection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(connection)
+    # After a response that says "Connection: close" (an interim one too), llhttp
+    # would stop parsing. The connection decides itself instead: a final response
+    # after an interim one is read, and anything else counts as surplus.
+    parser.set_dangerous_leniencies(lenient_keep_alive=True)
+    return parser
 
 
 def _describe(exc: OSError) -> str:

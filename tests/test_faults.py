@@ -210,6 +210,22 @@ UPSTREAM_FAULTS = [
         id="informational-first",
     ),
     pytest.param(
+        Reply(
+            raw=b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+        ),
+        Complete(b"final"),
+        id="informational-says-close",
+    ),
+    pytest.param(
+        Reply(
+            raw=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        ),
+        PROTOCOL_ERROR,
+        id="unsupported-transfer-coding",
+    ),
+    pytest.param(
         Reply(headers=[("Content-Encoding", "gzip")], body=GZIP_BODY),
         Complete(GZIP_BODY),
         id="gzip",
@@ -397,6 +413,47 @@ def test_late_surplus_closes_idle_connection(
 
     assert (first.status, first.body) == (200, b"hello")
     assert (second.status, second.body) == (200, b"/customer/C2")
+    assert upstream.connections == 2
+
+
+TRAILER = b"0\r\nConnection: close\r\nSet-Cookie: session=evil\r\n\r\n"
+
+
+def test_response_trailer_fields_dropped(
+    upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    # Head, body and trailer in one write, so they are parsed together.
+    upstream.reply_with(
+        Reply(raw=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n" + TRAILER)
+    )
+    proxy = make_proxy(upstream.url, **TIMEOUTS)
+
+    outcome = _exchange(proxy.url + "/customer/C1", "GET", None)
+
+    assert (outcome.status, outcome.body) == (200, b"hello")
+    assert "set-cookie" not in outcome.headers
+
+
+def test_trailer_close_ends_pooled_connection(
+    upstream: StandInUpstream, make_proxy: Callable[..., RunningProxy]
+) -> None:
+    def reply(request: RecordedRequest) -> Reply:
+        if request.target == b"/customer/C1":
+            return Reply(
+                headers=[("Transfer-Encoding", "chunked")],
+                body=b"5\r\nhello\r\n" + TRAILER,
+                raw_framing=True,
+            )
+        return Reply(body=request.target)
+
+    upstream.reply_with(reply)
+    proxy = make_proxy(upstream.url, max_connections=1, **TIMEOUTS)
+
+    first = _exchange(proxy.url + "/customer/C1", "GET", None)
+    second = _exchange(proxy.url + "/token/payments")
+
+    assert (first.status, first.body) == (200, b"hello")
+    assert (second.status, second.body) == (200, b"/token/payments")
     assert upstream.connections == 2
 
 

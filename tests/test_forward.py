@@ -590,3 +590,17 @@ def test_admin_path_with_slash_not_redirected(proxy: RunningProxy) -> None:
 
     assert _status(response) == 404
     assert _values(response, b"location") == []
+
+
+def test_request_trailer_fields_dropped(proxy: RunningProxy, upstream: StandInUpstream) -> None:
+    # Head, body and trailer in one write, so the server parses them together.
+    response = raw_exchange(
+        proxy.port,
+        b"POST /token/payments HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
+    )
+
+    assert _status(response) == 200
+    request = upstream.requests[-1]
+    assert request.body == b"hello"
+    assert request.header("x-trailer") == []

@@ -189,3 +189,14 @@ def test_response_policy_drops_hop_by_hop_keeps_case_and_order() -> None:
     ]
 
     assert policy.apply(upstream) == [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")]
+
+
+def test_response_policy_never_redacts_length() -> None:
+    # A key that happens to be all digits must not break the body's framing.
+    policy = ResponsePolicy(httpx.URL("https://nexus.example"))
+    headers = [(b"Content-Length", b"2"), (b"X-Debug", b"key=2")]
+
+    assert policy.apply(headers, secret=b"2") == [
+        (b"Content-Length", b"2"),
+        (b"X-Debug", b"[redacted]"),
+    ]
