@@ -11,6 +11,7 @@ import httpx
 from .types import Receive
 
 __all__ = [
+    "EMPTY_QUERY_SCOPE_KEY",
     "EXCHANGE_SCOPE_KEY",
     "NO_BODY",
     "BodyTimeout",
@@ -23,6 +24,8 @@ __all__ = [
 
 # The ASGI scope key under which the forwarder leaves the exchange for the protocol.
 EXCHANGE_SCOPE_KEY = "nexus_proxy.exchange"
+# Set by the protocol when the target ends its path with "?" and an empty query.
+EMPTY_QUERY_SCOPE_KEY = "nexus_proxy.empty_query"
 
 
 class ClientDisconnect(Exception):

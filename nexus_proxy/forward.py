@@ -24,6 +24,7 @@ import httpx
 from . import errors, metrics
 from .credentials import Credential, CredentialUnavailable, RepeatLimit, repeats_note
 from .exchange import (
+    EMPTY_QUERY_SCOPE_KEY,
     EXCHANGE_SCOPE_KEY,
     NO_BODY,
     BodyTimeout,
@@ -189,7 +190,7 @@ class Forwarder:
         headers, framing = self.requests.apply(scope["headers"], authorization)
         headers.insert(-1, (_REQUEST_ID, exchange.request_id.encode()))
         target = self.base_path + raw_path
-        if scope["query_string"]:
+        if scope["query_string"] or EMPTY_QUERY_SCOPE_KEY in scope:
             target += b"?" + scope["query_string"]
 
         stream: httpx.AsyncByteStream

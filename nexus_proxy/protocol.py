@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import errors
-from .exchange import EXCHANGE_SCOPE_KEY, Exchange
+from .exchange import EMPTY_QUERY_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange
 
 __all__ = ["LIMITS_STATE_KEY", "ClientLimits", "OriginFormHttpTools"]
 
@@ -168,6 +168,9 @@ class OriginFormHttpTools(HttpToolsProtocol):
         super().on_headers_complete()
         if not target.startswith(b"/"):
             self.scope["raw_path"] = target
+        elif b"?" in target and not self.scope["query_string"]:
+            # ASGI cannot tell "/a?" from "/a", but the upstream must get what was sent.
+            cast(dict[str, Any], self.scope)[EMPTY_QUERY_SCOPE_KEY] = True
 
     def send_400_response(self, msg: str) -> None:
         if self.head_too_large:

@@ -60,6 +60,7 @@ def _body(response: bytes) -> bytes:
         pytest.param("/%41%42", id="encoded-unreserved"),
         pytest.param("/{x}^`", id="raw-brackets"),
         pytest.param("/accounts/XLM-GBXYZ?x=%20&y=%zz", id="odd-escapes"),
+        pytest.param("/customer?", id="empty-query"),
     ],
 )
 def test_forward_keeps_target_bytes(
