@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import errors, metrics
+from . import errors, metrics, observe
 from .credentials import Credential
 from .gate import Gate
 from .settings import Settings
@@ -68,6 +68,7 @@ class AdminRoutes:
         days = self.credential.expiry_days()
         if days is not None:
             metrics.API_KEY_EXPIRY.set(days * _SECONDS_PER_DAY)
+        observe.flush()
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
 
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from . import observe
 from .access import AccessTokens, load_access_tokens
 from .admin import NOT_FOUND, AdminRoutes, error_response
 from .credentials import Credential
@@ -115,7 +116,7 @@ class NexusProxy:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with self.transport:
+        async with self.transport, observe.flushing():
             await self.credential.start()
             # Everything alive now lives as long as the process. Frozen, it is left
             # out of every later garbage collection, which then takes microseconds

@@ -36,7 +36,7 @@ from .exchange import (
 from .gate import Gate
 from .headers import Framing, RequestPolicy, ResponsePolicy
 from .logs import REQUEST_ID
-from .observe import record
+from .observe import record, started
 from .types import Receive, Scope, Send
 
 __all__ = ["Forwarder"]
@@ -106,12 +106,11 @@ class Forwarder:
         exchange.body_complete = not _declares_body(scope["headers"])
         # The server's protocol calls exchange.client_lost() when the client goes away.
         scope[EXCHANGE_SCOPE_KEY] = exchange
-        metrics.IN_FLIGHT.inc()
+        started()
         try:
             await self._handle(scope, raw_path, exchange, send)
         finally:
             exchange.finish()
-            metrics.IN_FLIGHT.dec()
             record(exchange, access_log=self.access_log)
             REQUEST_ID.reset(token)
 

@@ -294,7 +294,6 @@ class _Connection(asyncio.Protocol):
         self.method = method
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
         self.received = 0
         self.head_done = False
         self.complete = False

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nexus_proxy.observe import FLUSH_INTERVAL
 from tests.conftest import KEY, RunningProxy, raw_exchange
 from tests.upstream import Reply, StandInUpstream
 
@@ -437,6 +439,9 @@ def test_unix_socket_mode(upstream: StandInUpstream, tmp_path: Path) -> None:
     assert not path.exists()
 
 
+GET_200 = ("nexus_proxy_requests_total", (("method", "GET"), ("status", "200")))
+
+
 @pytest.mark.timeout(60)
 def test_two_workers_serve_and_share_metrics(upstream: StandInUpstream) -> None:
     with run_proxy(upstream.url, "--port", "0", "--workers", "2") as proxy:
@@ -446,16 +451,19 @@ def test_two_workers_serve_and_share_metrics(upstream: StandInUpstream) -> None:
             for _ in range(2):
                 assert client.get(url + "/_proxy/health").status_code == 200
             statuses = [httpx.get(url + "/customer").status_code for _ in range(20)]
-        metrics = httpx.get(url + "/_proxy/metrics").text
+            # The other worker writes its counts at most FLUSH_INTERVAL later.
+            deadline = time.monotonic() + FLUSH_INTERVAL + 4
+            while True:
+                metrics = client.get(url + "/_proxy/metrics").text
+                if _samples(metrics).get(GET_200) == 20 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
         assert proxy.stop() == 0
 
     pids = set(re.findall(r"Started server process \[(\d+)\]", "".join(proxy.lines)))
     assert statuses == [200] * 20
     assert len(pids) == 2
-    assert (
-        _samples(metrics)[("nexus_proxy_requests_total", (("method", "GET"), ("status", "200")))]
-        == 20
-    )
+    assert _samples(metrics)[GET_200] == 20
 
 
 def test_shutdown_timeout_answers_envelope(upstream: StandInUpstream) -> None:
