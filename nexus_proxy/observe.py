@@ -1,4 +1,4 @@
-"""What happens when a forwarded request starts and ends: its metrics and its access line.
+"""The record of each forwarded request: its metrics and its access line.
 
 Counters and the in-flight gauge are tallied in plain Python and written to
 prometheus-client by `flush()`: at least once a second while the app runs, and

@@ -47,9 +47,9 @@ class _HeadTooLarge(Exception):
 class CorkedTransport:
     """A transport whose writes within one event-loop step leave as one write.
 
-    uvicorn writes a response head and then its body with a system call each; a
-    small response costs one send instead of two when they are joined. Data is
-    held at most until the loop's next step, or until `CORK_LIMIT` bytes wait.
+    uvicorn writes a response head and then its body with a system call each. Joined,
+    a small response costs one send instead of two. Data is held until the loop's
+    next step at most, or until `CORK_LIMIT` bytes are waiting.
     """
 
     __slots__ = ("loop", "pending", "size", "transport")

@@ -368,8 +368,8 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
             while self.writing_paused and not self.closed:
                 if self.head_done:
-                    # The upstream answered and stopped reading: the rest of the
-                    # body is not wanted, and the connection cannot be reused.
+                    # The upstream sent its response and stopped reading, so the rest
+                    # of the body is not needed and the connection cannot be reused.
                     self.keep_alive = False
                     return
                 await self.wait(write, httpx.WriteTimeout)
@@ -378,13 +378,13 @@ class _Connection(asyncio.Protocol):
             if (pending or end) and not self.closed:
                 self.transport.write(pending + end)
             return
-        # The connection closed while the body was being sent. A response that
-        # came before that is still the answer; otherwise the write failed.
+        # The connection closed while the body was being sent. A response head that
+        # arrived before the close is still returned. Without one, the write failed.
         if not self.head_done:
             raise self.error or httpx.WriteError("upstream closed the connection mid-request")
 
     async def wait(self, timeout: float | None, expired: type[httpx.TimeoutException]) -> None:
-        """Wait until the protocol has news (data, an error, room to write), at most `timeout` s."""
+        """Wait for data, an error or room to write, at most `timeout` seconds."""
         waiter = self.waiter = self.loop.create_future()
         timer = None
         if timeout is not None:
@@ -434,7 +434,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.active or self.surplus:
-            # Bytes nobody asked for: the connection can never be trusted again.
+            # Unrequested bytes: the connection can never be trusted again.
             self.surplus = True
             self.abort()
             return
@@ -504,8 +504,8 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive() and not self.close_after
         if self.method == "HEAD" or status in _NO_BODY_STATUSES or self.method == "CONNECT":
-            # llhttp cannot be told a response answers HEAD, so it would wait for
-            # the body its Content-Length names; such a connection is not reused.
+            # llhttp has no setting for a response to HEAD, so it would wait for the
+            # body that Content-Length declares. Such a connection is not reused.
             self.complete = True
             self.keep_alive = self.keep_alive and status in _NO_BODY_STATUSES
         else:
@@ -528,7 +528,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.complete and self.method in ("HEAD", "CONNECT"):
             return
-        # A trailer field may say "Connection: close".
+        # A trailer field may contain "Connection: close".
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.complete = True
         self._wake()
@@ -601,9 +601,9 @@ def _authority(origin: Origin, prefix: str) -> bytes:
 
 def _parser(connection: _Connection) -> httptools.HttpResponseParser:
     parser = httptools.HttpResponseParser(connection)
-    # After a response that says "Connection: close" (an interim one too), llhttp
-    # would stop parsing. The connection decides itself instead: a final response
-    # after an interim one is read, and anything else counts as surplus.
+    # After a response with "Connection: close" (an interim one too), llhttp would
+    # stop parsing. The connection decides instead: a final response after an
+    # interim one is read, and anything else counts as surplus.
     parser.set_dangerous_leniencies(lenient_keep_alive=True)
     return parser
 

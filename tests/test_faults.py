@@ -921,7 +921,7 @@ def test_bodies_intact_under_concurrency(
 
 
 class _EarlyAnswer:
-    """An upstream that answers 413 after the request head and never reads the body."""
+    """An upstream that sends 413 after the request head and never reads the body."""
 
     RESPONSE = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large"
 
@@ -950,9 +950,9 @@ class _EarlyAnswer:
             self.done.wait(20)
 
 
-def test_early_answer_ends_stalled_upload(make_proxy: Callable[..., RunningProxy]) -> None:
-    # The upstream stops reading once it has answered, so the upload stalls. The
-    # client must get that answer at once, not a 504 after write_timeout.
+def test_early_response_ends_stalled_upload(make_proxy: Callable[..., RunningProxy]) -> None:
+    # The upstream stops reading once it has responded, so the upload stalls. The
+    # client must get that response at once, not a 504 after write_timeout.
     write_timeout = 3.0
     with _EarlyAnswer() as upstream:
         proxy = make_proxy(
