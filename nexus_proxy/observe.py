@@ -43,6 +43,11 @@ class _Tally:
 _tally = _Tally()
 
 
+def in_flight() -> int:
+    """Return how many forwarded requests this process is handling now."""
+    return _tally.in_flight
+
+
 def started() -> None:
     """Count a forwarded request as in flight."""
     _tally.in_flight += 1

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import errors
+from . import errors, observe
 from .exchange import EMPTY_QUERY_SCOPE_KEY, EXCHANGE_SCOPE_KEY, Exchange
 
 __all__ = ["LIMITS_STATE_KEY", "ClientLimits", "OriginFormHttpTools"]
@@ -126,6 +126,13 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self.transport = CorkedTransport(transport, self.loop)  # type: ignore[assignment]
         self.head_started = self.loop.time()
         self._start_head_timer(self.limits.header_timeout)
+
+    def on_response_complete(self) -> None:
+        if observe.in_flight() <= 1:
+            # The only request in flight: its response leaves now, which saves the
+            # wait for the loop's next step. Under load, writes are left to batch.
+            cast(CorkedTransport, self.transport).flush()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
