@@ -23,7 +23,7 @@ class AccessTokens:
 
     def __init__(self, tokens: Iterable[SecretStr]) -> None:
         # Held as the full header values, so a check is one comparison per token.
-        self._expected = [b"Bearer " + token.get_secret_value().encode() for token in tokens]
+        self._expected = [b"bearer " + token.get_secret_value().encode() for token in tokens]
 
     def __len__(self) -> int:
         return len(self._expected)
@@ -39,13 +39,15 @@ class AccessTokens:
         values = [value for name, value in headers if name == b"authorization"]
         if not values:
             return "missing"
-        if len(values) > 1 or not values[0].startswith(b"Bearer ") or len(values[0]) == 7:
+        # The scheme name is case-insensitive (RFC 9110 section 11.1).
+        value = values[0][:7].lower() + values[0][7:]
+        if len(values) > 1 or not value.startswith(b"bearer ") or len(value) == 7:
             return "malformed"
 
         # Compare with every token, so the time taken does not tell which one matched.
         matched = False
         for expected in self._expected:
-            matched |= hmac.compare_digest(values[0], expected)
+            matched |= hmac.compare_digest(value, expected)
         return None if matched else "not recognised"
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "FORBIDDEN",
     "HEADERS_TOO_LARGE",
     "HEADER_TIMEOUT",
+    "MALFORMED_BODY_SENT",
     "MALFORMED_REQUEST",
     "SHUTDOWN",
     "SHUTDOWN_SENT",
@@ -157,6 +158,13 @@ MALFORMED_REQUEST = ProxyError(
     "ProxyBadRequest",
     "The request is not valid HTTP/1.1 (request line, header syntax or body framing).",
     upstream_reached=False,
+)
+MALFORMED_BODY_SENT = ProxyError(
+    400,
+    "ProxyBadRequest",
+    "The request body's framing is not valid HTTP/1.1. The upstream request had "
+    "started and was aborted before its end, so it cannot have been processed.",
+    upstream_reached=True,
 )
 HEADER_TIMEOUT = ProxyError(
     408,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from . import metrics
 from .exchange import Exchange
 
-__all__ = ["FLUSH_INTERVAL", "flush", "flushing", "record", "started"]
+__all__ = ["FLUSH_INTERVAL", "flush", "flushing", "in_flight", "record", "rejected", "started"]
 
 access_logger = logging.getLogger("nexus_proxy.access")
 
@@ -46,6 +46,11 @@ _tally = _Tally()
 def in_flight() -> int:
     """Return how many forwarded requests this process is handling now."""
     return _tally.in_flight
+
+
+def rejected(code: str) -> None:
+    """Count an error the server protocol sent before any request reached the app."""
+    _tally.errors[code] += 1
 
 
 def started() -> None:

@@ -205,8 +205,25 @@ class OriginFormHttpTools(HttpToolsProtocol):
                 return
         # The current request's body broke before its response began, or no
         # request is in flight, so the error is the response. Closing tells the app.
+        exchange = self._exchange()
+        if exchange is None:
+            observe.rejected(error.code)
+        else:
+            if exchange.upstream_started and error is errors.MALFORMED_REQUEST:
+                # The upstream has the head and part of the body, cut off by the close.
+                error = errors.MALFORMED_BODY_SENT
+            exchange.status = error.status
+            exchange.error_code = error.code
+            exchange.response_started = True
         self.transport.write(errors.raw_response(error))
         self.transport.close()
+
+    def _exchange(self) -> Exchange | None:
+        """Return the forwarded exchange whose response has not started, if any."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.response_started:
+            return None
+        return cycle.scope.get(EXCHANGE_SCOPE_KEY)  # type: ignore[return-value]
 
     def _count(self, size: int, fields: int) -> None:
         self.head_size += size

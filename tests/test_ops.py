@@ -182,6 +182,17 @@ def test_metrics_after_known_requests(proxy: RunningProxy, upstream: StandInUpst
     )
 
 
+def test_metrics_count_protocol_rejections(proxy: RunningProxy) -> None:
+    # The server protocol rejects this framing before any request reaches the app.
+    before = _metric(proxy.url, "nexus_proxy_errors_total", code="ProxyBadRequest")
+    head = b"POST /x HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    response = raw_exchange(proxy.port, head + b"3\r\nabc\r\n0\r\n\r\n")
+
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert _metric(proxy.url, "nexus_proxy_errors_total", code="ProxyBadRequest") == before + 1
+
+
 def test_metrics_list_every_family(proxy: RunningProxy) -> None:
     httpx.get(proxy.url + "/customer")
 

@@ -152,6 +152,14 @@ def test_access_rejects_request(
     assert upstream.connections == 0
 
 
+def test_access_scheme_any_case(guarded: RunningProxy, upstream: StandInUpstream) -> None:
+    # RFC 9110 section 11.1: the authentication scheme is case-insensitive.
+    response = _get(guarded, "/customer", f"Authorization: bEARER {TOKENS[0]}")
+
+    assert response.status == 200
+    assert upstream.requests[-1].header("authorization") == [f"Bearer {KEY}"]
+
+
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
@@ -791,6 +799,27 @@ def test_smuggling_bad_chunks_never_complete(
     _wait_for_upstream_idle(upstream)
 
     assert response.status == 400
+    assert upstream.requests == []
+
+
+def test_bad_chunk_after_forwarding_reports_reached(
+    proxy: RunningProxy, upstream: StandInUpstream
+) -> None:
+    # The first chunk has gone upstream when the broken one arrives, so the
+    # envelope must not tell the client that nothing was sent.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(_request("POST", "/x", "Transfer-Encoding: chunked") + b"3\r\nabc\r\n")
+        assert upstream.body_started.wait(5)
+        sock.sendall(b"zz\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    response = Response(data)
+    _wait_for_upstream_idle(upstream)
+
+    assert response.status == 400
+    assert response.envelope()["errors"] == ["ProxyBadRequest"]
+    assert response.envelope()["values"] == {"upstreamReached": True}
     assert upstream.requests == []
 
 
