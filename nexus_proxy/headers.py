@@ -129,7 +129,7 @@ class ResponsePolicy:
             lowered = name.lower()
             if lowered in _RESPONSE_DROPPED:
                 if lowered == b"connection":
-                    tokens.update(token.strip().lower() for token in value.split(b","))
+                    tokens |= connection_tokens([(lowered, value)])
                 continue
             if lowered == b"location":
                 value = self.rewrite_location(value)

@@ -113,7 +113,6 @@ class OriginFormHttpTools(HttpToolsProtocol):
         self.head_size = 0
         self.head_count = 0
         self.head_too_large = False
-        self.in_head = False
         # One timer per connection, moved on lazily: arming and cancelling one per
         # request would cost more than the checks it makes.
         self.head_timer: asyncio.TimerHandle | None = None
@@ -149,7 +148,6 @@ class OriginFormHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self.head_size = 0
         self.head_count = 0
-        self.in_head = True
         if self.head_started is None:
             self.head_started = self.loop.time()
         if self.head_timer is None:
@@ -161,14 +159,13 @@ class OriginFormHttpTools(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4, 1)
-        if self.in_head:
+        # Fields after the head (head_started is None then) are a chunked body's
+        # trailer fields. uvicorn would add them to the request's headers.
+        if self.head_started is not None:
             super().on_header(name, value)
-        # Fields after the head are a chunked body's trailer fields. uvicorn would
-        # add them to the request's headers, so they are dropped instead.
 
     def on_headers_complete(self) -> None:
         self.head_started = None
-        self.in_head = False
         target = self.url
         if not target.startswith(b"/"):
             self.url = b"/"

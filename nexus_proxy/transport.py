@@ -15,7 +15,7 @@ Each connection is an asyncio protocol that parses responses with httptools
 - A connection goes back to the pool only after a complete response, with
   keep-alive, and with nothing received past the response's end. Bytes that
   arrive on an idle pooled connection close it, so they can never be read as
-  the answer to a later request.
+  the response to a later request.
 - Errors map to the httpx exception that tells whether anything was sent:
   ConnectError, ConnectTimeout, PoolTimeout and ProxyError mean nothing was.
 - Timeouts: `pool` for a free slot (at most `max_connections` requests are in
@@ -43,14 +43,12 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 
 # A response head larger than this is a protocol error, not a memory cost.
 _MAX_HEAD = 64 * 1024
-# Response body bytes buffered before reading from the upstream pauses, and the
-# level at which it resumes: a slow client slows the upstream down instead.
+# Response body bytes buffered before reading from the upstream pauses, until the
+# client has taken them all: a slow client slows the upstream down instead.
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
-# Seconds an idle pooled connection is kept; servers close theirs after 5 s to 2 min.
+# Seconds an idle pooled connection is kept. Servers commonly close idle connections
+# after 5 s to 2 min (an estimate), and a closed one is replaced at no risk.
 _KEEPALIVE_EXPIRY = 15.0
-
-_FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
 
 Origin = tuple[str, str, int]
 
@@ -81,6 +79,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         self.max_connections = max_connections
         self.timeout = timeout
         self.proxy = httpx.URL(proxy) if proxy else None
+        self._proxy_authorization = _basic_authorization(self.proxy)
         self.keepalive_expiry = keepalive_expiry
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -123,8 +122,8 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 await connection.send(request.method, head, stream, chunked)
             if connection.status == 407 and self.proxy is not None and origin[0] == "http":
                 # Only a proxy sends 407 (RFC 9110 section 15.5.8): the egress proxy
-                # refused the request, so it went no further.
-                raise httpx.ProxyError("egress proxy answered with 407")
+                # rejected the request, so it went no further.
+                raise httpx.ProxyError("egress proxy rejected the request with 407")
         except BaseException:
             if connection is not None:
                 connection.abort()
@@ -145,7 +144,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if self.proxy is not None and origin[0] == "http":
             # Through a proxy, a plain-HTTP request names its origin (RFC 9112 section 3.2.2).
             target = _authority(origin, "http://") + target
-            headers = headers + self._proxy_authorization()
+            headers = headers + self._proxy_authorization
         parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -156,13 +155,6 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
             raise httpx.LocalProtocolError("a request header contains CR, LF or NUL")
         return head
-
-    def _proxy_authorization(self) -> list[tuple[bytes, bytes]]:
-        assert self.proxy is not None
-        if not self.proxy.username:
-            return []
-        userinfo = f"{self.proxy.username}:{self.proxy.password}".encode()
-        return [(b"Proxy-Authorization", b"Basic " + base64.b64encode(userinfo))]
 
     async def _acquire_slot(self) -> None:
         if not self._slots.locked():
@@ -197,7 +189,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         connection.idle_since = connection.loop.time()
         idle = self._idle.setdefault(connection.origin, [])
         idle.append(connection)
-        # The oldest idle connections sit at the front; close the expired ones.
+        # The oldest idle connections are at the front, so expired ones are closed from there.
         deadline = connection.idle_since - self.keepalive_expiry
         while idle[0].idle_since <= deadline:
             idle.pop(0).abort()
@@ -260,7 +252,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         """Open a CONNECT tunnel through the egress proxy and start TLS inside it."""
         authority = _authority(origin, "")
         lines = [b"CONNECT " + authority + b" HTTP/1.1", b"Host: " + authority]
-        lines += [name + b": " + value for name, value in self._proxy_authorization()]
+        lines += [name + b": " + value for name, value in self._proxy_authorization]
         head = b"\r\n".join(lines) + b"\r\n\r\n"
         connection.active = True
         try:
@@ -268,7 +260,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         except (httpx.TransportError, _Stale) as exc:
             raise httpx.ProxyError("egress proxy closed the connection during CONNECT") from exc
         if connection.status != 200:
-            raise httpx.ProxyError(f"egress proxy answered CONNECT with {connection.status}")
+            raise httpx.ProxyError(f"egress proxy rejected CONNECT with {connection.status}")
         await connection.start_tls(tls, origin[1])
 
 
@@ -300,7 +292,7 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.keep_alive = False
         self.surplus = False
-        # Whether an interim response said "Connection: close".
+        # Whether an interim response contained "Connection: close".
         self.close_after = False
         self.error: httpx.TransportError | None = None
         self.body: collections.deque[bytes] = collections.deque()
@@ -311,7 +303,7 @@ class _Connection(asyncio.Protocol):
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def abort(self) -> None:
-        """Close the connection at once; a response still expected fails."""
+        """Close the connection at once, so that a response still expected fails."""
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self._lost(None)
@@ -486,7 +478,7 @@ class _Connection(asyncio.Protocol):
             return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            # An interim response; the final one follows on this connection.
+            # An interim response. The final one follows on this connection.
             self.headers = []
             self.close_after = self.close_after or not self.parser.should_keep_alive()
             return
@@ -590,6 +582,14 @@ def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, bool]:
         elif lowered == b"content-length":
             has_body = True
     return chunked, has_body
+
+
+def _basic_authorization(proxy: httpx.URL | None) -> list[tuple[bytes, bytes]]:
+    """Return the Proxy-Authorization header for the user info in `proxy`, if any."""
+    if proxy is None or not proxy.username:
+        return []
+    userinfo = f"{proxy.username}:{proxy.password}".encode()
+    return [(b"Proxy-Authorization", b"Basic " + base64.b64encode(userinfo))]
 
 
 def _authority(origin: Origin, prefix: str) -> bytes:
